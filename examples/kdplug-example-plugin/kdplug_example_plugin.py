@@ -1,0 +1,52 @@
+"""A minimal kdplug plugin: a tiny MLP teacher and student, and a distillation loss."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdplug
+
+
+def mlp(hidden: int, in_features: int = 784, num_classes: int = 10) -> nn.Module:
+    """Flatten, one hidden layer, logits out."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+def mlp_teacher(in_features: int = 784, num_classes: int = 10) -> nn.Module:
+    return mlp(256, in_features, num_classes)
+
+
+def mlp_student(in_features: int = 784, num_classes: int = 10) -> nn.Module:
+    return mlp(32, in_features, num_classes)
+
+
+def kd_loss(temperature: float = 4.0, alpha: float = 0.9):
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+    if temperature <= 0 or not 0 <= alpha <= 1:
+        raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, "
+                         f"got temperature={temperature}, alpha={alpha}")
+
+    def loss(student_out, teacher_out, batch) -> torch.Tensor:
+        _, targets = batch
+        soft = F.kl_div(F.log_softmax(student_out / temperature, dim=-1),
+                        F.log_softmax(teacher_out / temperature, dim=-1),
+                        reduction="batchmean", log_target=True)
+        hard = F.cross_entropy(student_out, targets)
+        return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+    return loss
+
+
+@kdplug.hookimpl
+def register_teachers(register):
+    register("example-mlp-large", mlp_teacher, description="MLP, 256 hidden units")
+
+
+@kdplug.hookimpl
+def register_students(register):
+    register("example-mlp-small", mlp_student, description="MLP, 32 hidden units")
+
+
+@kdplug.hookimpl
+def register_losses(register):
+    register("example-kd", kd_loss, description="Hinton et al. 2015 soft + hard loss")

@@ -1,0 +1,5 @@
+"""`python -m kdplug` runs the CLI."""
+from .cli import main
+
+if __name__ == "__main__":
+    main(prog_name="kdplug")

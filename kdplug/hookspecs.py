@@ -1,0 +1,70 @@
+"""The plugin contract: every hook a kdplug plugin may implement.
+
+A plugin is a module (or any object) with functions marked ``@kdplug.hookimpl`` whose names are
+hook names below. Built-in plugins and third-party plugins use the same contract and are found the
+same way: entry points of the group ``kdplug``.
+
+Every hook here collects from all plugins: each implementation runs once, in pluggy's order, and its
+return value is ignored. Implementations hand their providers to the ``register`` callback instead,
+so kdplug can validate them, refuse duplicate names (naming both plugins) and remember which plugin
+gave what::
+
+    register(name: str, factory: Callable, **info) -> None
+
+``name`` is unique per kind across all plugins; ``info`` is free-form metadata kept with the entry
+(e.g. ``description="..."``).
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT_NAME = "kdplug"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: The marker plugins put on their hook functions; re-exported as ``kdplug.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_teachers(register):
+    """Register teacher model factories. All implementations are called; return values ignored.
+
+    Call ``register(name, factory, **info)`` once per teacher. ``factory(**options)`` must return a
+    ``torch.nn.Module`` whose ``forward`` returns the logits tensor ``[..., num_classes]``, or an
+    object with a ``.logits`` attribute (and, when asked through an option, intermediate features).
+    ``kdplug.create_teacher(name, **options)`` calls it.
+    """
+
+
+@hookspec
+def register_students(register):
+    """Register student model factories. All implementations are called; return values ignored.
+
+    Call ``register(name, factory, **info)`` once per student. Same contract as a teacher:
+    ``factory(**options)`` returns a ``torch.nn.Module`` whose ``forward`` returns logits, or an
+    object with ``.logits``. ``kdplug.create_student(name, **options)`` calls it.
+    """
+
+
+@hookspec
+def register_losses(register):
+    """Register distillation loss factories. All implementations are called; return values ignored.
+
+    Call ``register(name, factory, **info)`` once per loss. ``factory(**options)`` (e.g.
+    ``temperature=4.0, alpha=0.9``) must return a callable
+    ``loss(student_out, teacher_out, batch) -> scalar torch.Tensor``, where the outputs are what the
+    models' ``forward`` returned and ``batch`` is the batch as the data loader yields it.
+    ``kdplug.create_loss(name, **options)`` calls it.
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register data providers. All implementations are called; return values ignored.
+
+    Call ``register(name, factory, **info)`` once per data set. ``factory(**options)`` must return a
+    ``kdplug.data.DataSplits``: the ``train`` and ``test`` map-style ``torch.utils.data.Dataset``
+    splits plus what the models must agree on (``num_classes``, ``input_shape`` and, for token data,
+    ``vocab_size``), so a mismatched teacher or student is caught before training.
+    ``kdplug.create_dataset(name, **options)`` calls it.
+    """

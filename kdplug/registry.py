@@ -1,0 +1,189 @@
+"""What the plugins registered: per kind, name -> factory, each remembering the plugin that gave it."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from .errors import DuplicateNameError, InvalidFactoryError, PluginError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of thing plugins provide, and the hook that collects it."""
+
+    name: str  # "teacher"
+    plural: str  # "teachers"
+    hook: str  # "register_teachers"
+    product: str  # what the factory must return, for error messages
+
+
+KINDS: Dict[str, Kind] = {
+    kind.name: kind
+    for kind in (
+        Kind("teacher", "teachers", "register_teachers", "a torch.nn.Module"),
+        Kind("student", "students", "register_students", "a torch.nn.Module"),
+        Kind("loss", "losses", "register_losses",
+             "a callable (student_out, teacher_out, batch) -> scalar tensor"),
+        Kind("dataset", "datasets", "register_datasets", "a kdplug.data.DataSplits"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One ``register(name, factory, **info)`` call, and the plugin that made it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    distribution: Optional[str] = None  # None for plugins registered in-process
+    version: Optional[str] = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def create(self, **options: Any) -> Any:
+        """Call the factory with ``options`` and check it built what the contract promises."""
+        product = self.factory(**options)
+        _check_product(self, product)
+        return product
+
+    def origin(self) -> str:
+        """'plugin' or 'plugin' (distribution version), for error messages."""
+        if self.distribution is None:
+            return repr(self.plugin)
+        return f"{self.plugin!r} ({self.distribution} {self.version})"
+
+
+def _check_product(entry: Registration, product: Any) -> None:
+    if entry.kind in ("teacher", "student"):
+        import torch  # only here: listing plugins must not need torch
+
+        ok = isinstance(product, torch.nn.Module)
+    elif entry.kind == "loss":
+        ok = callable(product)
+    else:  # data sets: kdplug.data belongs to the engine; its own checks apply there
+        ok = product is not None
+    if not ok:
+        raise InvalidFactoryError(
+            f"the {entry.kind} factory {entry.name!r} from plugin {entry.origin()} returned "
+            f"{product!r} ({type(product).__name__}); expected {KINDS[entry.kind].product}"
+        )
+
+
+class Registry:
+    """Registrations of every kind. Built by :func:`build_registry`; read-only afterwards."""
+
+    def __init__(self) -> None:
+        self._entries: Dict[str, Dict[str, Registration]] = {kind: {} for kind in KINDS}
+
+    def add(self, entry: Registration) -> None:
+        kind = _kind(entry.kind)
+        if not isinstance(entry.name, str) or not entry.name.strip():
+            raise PluginError(
+                f"plugin {entry.origin()} registered a {kind.name} named {entry.name!r}; "
+                "expected a non-empty string name"
+            )
+        if not callable(entry.factory):
+            raise InvalidFactoryError(
+                f"plugin {entry.origin()} registered {kind.name} {entry.name!r} with factory "
+                f"{entry.factory!r} ({type(entry.factory).__name__}); expected a callable "
+                f"factory(**options) returning {kind.product}"
+            )
+        previous = self._entries[kind.name].get(entry.name)
+        if previous is not None:
+            if previous.plugin == entry.plugin:
+                where = f"twice by plugin {entry.origin()}"
+            else:
+                first, second = sorted((previous, entry), key=lambda e: e.plugin)
+                where = f"by two plugins: {first.origin()} and {second.origin()}"
+            raise DuplicateNameError(
+                f"{kind.name} {entry.name!r} is registered {where}; names must be unique per "
+                "kind. Rename one, or leave a plugin out with KDPLUG_DISABLE_PLUGINS=<plugin>"
+            )
+        self._entries[kind.name][entry.name] = entry
+
+    def entries(self, kind: str) -> Dict[str, Registration]:
+        """name -> Registration for one kind, sorted by name (a copy)."""
+        entries = self._entries[_kind(kind).name]
+        return {name: entries[name] for name in sorted(entries)}
+
+    def get(self, kind: str, name: str) -> Registration:
+        entries = self.entries(kind)
+        if name in entries:
+            return entries[name]
+        raise UnknownNameError(_unknown_name_message(KINDS[kind], name, list(entries)))
+
+    def names_by_plugin(self, plugin: str) -> Dict[str, List[str]]:
+        """kind -> sorted names that ``plugin`` registered (every kind present, maybe empty)."""
+        return {
+            kind: [name for name, entry in self.entries(kind).items() if entry.plugin == plugin]
+            for kind in KINDS
+        }
+
+
+def _kind(kind: str) -> Kind:
+    try:
+        return KINDS[kind]
+    except (KeyError, TypeError):
+        raise UnknownNameError(
+            f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}"
+        ) from None
+
+
+def _unknown_name_message(kind: Kind, name: str, known: List[str]) -> str:
+    if not known:
+        return (f"unknown {kind.name} {name!r}: no {kind.plural} are registered "
+                "(is the plugin that provides it installed? `kdplug plugins` lists what loaded)")
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return (f"unknown {kind.name} {name!r}{hint} Known {kind.plural}: "
+            f"{', '.join(map(repr, known))}")
+
+
+def build_registry(pm: Any) -> Registry:
+    """Ask every plugin of ``pm`` (a kdplug PluginManager) to register what it provides.
+
+    Each implementation is called directly, in pluggy's call order, with a ``register`` bound to
+    its own plugin: a pooled ``pm.hook.register_x(...)`` call could not tell who registered what.
+    """
+    registry = Registry()
+    for kind in KINDS.values():
+        caller = getattr(pm.hook, kind.hook)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last-added first
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} implements {kind.hook} as a wrapper; "
+                    "register hooks only collect, so drop wrapper=/hookwrapper="
+                )
+            distribution = pm.distribution_of(impl.plugin_name)
+            register = _register_for(registry, kind, impl.plugin_name, distribution)
+            try:
+                returned = impl.function(**{arg: register for arg in impl.argnames})
+            except Exception as exc:
+                if isinstance(exc, PluginError):
+                    raise
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {kind.hook}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if returned is not None:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {kind.hook} returned {returned!r}; hooks "
+                    "register through the callback, register(name, factory, **info), and return None"
+                )
+    return registry
+
+
+def _register_for(registry: Registry, kind: Kind, plugin: str, distribution: Any) -> Callable:
+    def register(name: str, factory: Callable[..., Any], **info: Any) -> None:
+        registry.add(Registration(
+            kind=kind.name, name=name, factory=factory, plugin=plugin,
+            distribution=distribution.name if distribution else None,
+            version=distribution.version if distribution else None,
+            info=dict(info),
+        ))
+
+    register.__doc__ = (f"register(name, factory, **info): add a {kind.name}; "
+                        f"factory(**options) returns {kind.product}.")
+    return register

@@ -1,0 +1,63 @@
+"""Shared fixtures: a freshly loaded plugin manager, throwaway installed distributions, the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import pytest
+
+from kdplug.plugins import DISABLE_ENV, LOAD_ENV, reset_plugin_manager
+
+
+@pytest.fixture
+def fresh_plugins():
+    """Plugins are found and loaded again for this test, and forgotten after it."""
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+@pytest.fixture
+def no_installed_plugins(monkeypatch, fresh_plugins):
+    """Only the plugins a test registers itself (no entry point is loaded)."""
+    monkeypatch.setenv(LOAD_ENV, "")
+
+
+def write_distribution(site: Path, name: str, version: str, modules: Dict[str, str],
+                       entry_points: Dict[str, str]) -> None:
+    """Install a distribution by hand, as pip would: modules plus <name>-<version>.dist-info/."""
+    site.mkdir(parents=True, exist_ok=True)
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[kdplug]\n" + "".join(f"{ep} = {target}\n" for ep, target in entry_points.items()))
+
+
+@pytest.fixture(scope="session")
+def make_distribution():
+    return write_distribution
+
+
+def run_kdplug_subprocess(*args: str, pythonpath: Iterable[Path] = (),
+                          env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`python -m kdplug ARGS` in a new interpreter, with only the plugin env vars given."""
+    pythonpath = [str(p) for p in pythonpath]
+    environ = {k: v for k, v in os.environ.items() if k not in (DISABLE_ENV, LOAD_ENV)}
+    paths = pythonpath + [environ.get("PYTHONPATH", "")]
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "kdplug", *args], env=environ,
+                          capture_output=True, text=True, timeout=120,
+                          cwd=pythonpath[0] if pythonpath else None)
+
+
+@pytest.fixture(scope="session")
+def run_kdplug():
+    return run_kdplug_subprocess
