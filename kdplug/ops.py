@@ -135,11 +135,15 @@ def _register_python_parts() -> None:
         _, _, _, _, reduction, teacher_grad = inputs
         _, grad_student, grad_teacher = output
         ctx.mark_non_differentiable(grad_student, grad_teacher)
+        # Otherwise autograd fills N×C zeros as the "incoming gradients" of those two outputs.
+        ctx.set_materialize_grads(False)
         ctx.per_row = reduction == REDUCTIONS["none"]
         ctx.teacher_grad = teacher_grad
         ctx.save_for_backward(grad_student, grad_teacher if teacher_grad else None)
 
     def backward(ctx, grad_loss, _grad_student, _grad_teacher):
+        if grad_loss is None:
+            return None, None, None, None, None, None
         grad_student, grad_teacher = ctx.saved_tensors
         scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
         return (_scaled(grad_student, scale, ctx.per_row),

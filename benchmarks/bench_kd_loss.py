@@ -1,0 +1,204 @@
+"""Forward+backward time and peak extra memory of the KD loss: kdplug's native op against the
+pure-PyTorch fallback, the eager composition users write, and torch.compile of it.
+
+    python benchmarks/bench_kd_loss.py                 # CPU, all shapes
+    python benchmarks/bench_kd_loss.py --device cuda   # GPU
+    python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
+
+The floor is the time to read student and teacher logits once and write the gradient once
+(3·N·C·bytes) at the copy bandwidth measured in the same run. Variants are interleaved so a noisy
+machine slows all alike; each figure is a median. Peak extra memory is what a forward+backward
+adds on top of the inputs: on CPU the resident-set high-water mark of a fresh subprocess (with the
+op's buffer reuse off, so its gradient is counted like everyone else's), on a GPU
+torch.cuda.max_memory_allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdplug.ops import backend_status, kd_kl_div
+
+T = 2.0
+SHAPES = [(8192, 10), (4096, 100), (2048, 1000), (512, 32000), (64, 128256)]
+BF16_SHAPES = [(512, 32000), (64, 128256)]
+VARIANTS = ["native", "fallback", "eager", "compile"]
+
+
+def eager_kd(s, t):
+    return F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
+
+
+_compiled = torch.compile(eager_kd)
+
+
+def make_step(variant):
+    if variant == "native":
+        return lambda s, t: kd_kl_div(s, t, T, backend="native")
+    if variant == "fallback":
+        return lambda s, t: kd_kl_div(s, t, T, backend="torch")
+    if variant == "eager":
+        return eager_kd
+    return _compiled
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(step, s, t):
+    s.grad = None
+    step(s, t).backward()
+
+
+def inputs(n, c, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device).requires_grad_()
+    t = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
+    return s, t
+
+
+def copy_bandwidth(nbytes, device, repeats):
+    """Bytes per second of dst.copy_(src) (read + write), as the floor's yardstick."""
+    n = max(nbytes // 4, 1 << 20)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def time_variants(n, c, dtype, device, repeats):
+    s, t = inputs(n, c, dtype, device)
+    steps = {v: make_step(v) for v in VARIANTS}
+    for step in steps.values():  # warm-up: compile, JIT, allocator
+        fwd_bwd(step, s, t)
+        fwd_bwd(step, s, t)
+    times = {v: [] for v in VARIANTS}
+    for _ in range(repeats):
+        for v, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fwd_bwd(step, s, t)
+            sync(device)
+            times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory_here(variant, n, c, dtype_name, device):
+    """Peak bytes one forward+backward adds on top of its inputs (run in a fresh process)."""
+    dtype = getattr(torch, dtype_name)
+    s, t = inputs(n, c, dtype, device)
+    step = make_step(variant)
+    fwd_bwd(step, s, t)  # warm-up (compile), then measure a second call from a clean state
+    s.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(step, s, t)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fwd_bwd(step, s, t)
+    return _rss_bytes("VmHWM") - base
+
+
+def peak_extra_memory(variant, n, c, dtype, device):
+    if device == "cuda":
+        return measure_memory_here(variant, n, c, str(dtype).split(".")[-1], device)
+    env = {**os.environ, "KDPLUG_CPU_GRAD_CACHE": "0"}
+    cmd = [sys.executable, __file__, "--memory-probe",
+           json.dumps([variant, n, c, str(dtype).split(".")[-1], device])]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(measure_memory_here(*json.loads(args.memory_probe)))
+        return
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    repeats = args.repeats or (5 if args.quick else (25 if device == "cpu" else 50))
+    cases = [(n, c, torch.float32) for n, c in SHAPES] + [(n, c, torch.bfloat16)
+                                                         for n, c in BF16_SHAPES]
+    if args.quick:
+        cases = [(2048, 1000, torch.float32), (512, 32000, torch.float32)]
+
+    status = backend_status()
+    name = torch.cuda.get_device_name() if device == "cuda" else (
+        f"CPU ({torch.get_num_threads()} threads, {status['cpu_capability']})")
+    print(f"kd loss forward+backward, T={T}, on {name}; torch {torch.__version__}; "
+          f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})")
+    largest = max(n * c * 4 for n, c, _ in cases)
+    bandwidth = copy_bandwidth(largest, device, repeats)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write of {largest / 2**20:.0f} MiB)\n")
+
+    header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} | "
+              + " | ".join(f"{v:>16}" for v in VARIANTS)
+              + " | native vs eager, vs compile")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n, c, dtype in cases:
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        floor_ms = 3 * n * c * itemsize / bandwidth * 1e3
+        ms = time_variants(n, c, dtype, device, repeats)
+        cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in VARIANTS)
+        print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} {floor_ms:9.3f} | {cells} | "
+              f"{ms['eager'] / ms['native']:5.1f}x, {ms['compile'] / ms['native']:4.1f}x",
+              flush=True)
+        rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms, "ms": ms})
+
+    if not args.no_memory:
+        print("\npeak extra memory of one forward+backward, as a multiple of one input "
+              "(N·C·itemsize; the gradient alone is 1.0)")
+        print(f"{'N x C':>14} {'dtype':>8} | " + " | ".join(f"{v:>9}" for v in VARIANTS))
+        for row, (n, c, dtype) in zip(rows, cases):
+            one_input = n * c * torch.tensor([], dtype=dtype).element_size()
+            mem = {v: peak_extra_memory(v, n, c, dtype, device) for v in VARIANTS}
+            row["peak_extra_bytes"] = mem
+            print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} | "
+                  + " | ".join(f"{mem[v] / one_input:8.2f}x" for v in VARIANTS), flush=True)
+        if device == "cpu":
+            print("(CPU figures are resident-set growth: allocations under glibc's mmap threshold "
+                  "may be served from memory freed by the warm-up and show as less)")
+    print("\njson:", json.dumps({"device": name, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
