@@ -9,6 +9,7 @@ Environment:
 import glob
 import os
 import platform
+import shutil
 import warnings
 
 from setuptools import setup
@@ -51,12 +52,29 @@ def _nvcc_available(cuda_home):
     return bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
 
 
+def _default_cuda_home():
+    """torch guesses CUDA_HOME as the folder above `which nvcc`; for a wrapper or link such as
+    /usr/local/bin/nvcc that is /usr/local, which holds no CUDA headers. Pick a folder that has
+    both nvcc and the headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if (os.path.exists(os.path.join(home, "bin", "nvcc"))
+                and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def ext_modules_and_cmdclass():
     if _flag("KDPLUG_NO_EXT"):
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return [], {}
+    _default_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -82,11 +100,12 @@ def ext_modules_and_cmdclass():
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        # pip's nvidia-* wheels carry headers torch's CUDA headers include.
+        # pip's nvidia-* wheels carry headers (cuDNN, NCCL, ...) that torch's CUDA headers may
+        # include and a bare toolkit lacks; searched after CUDA_HOME's, never instead of them.
         import site
         for base in site.getsitepackages():
-            include_dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
-            include_dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "*", "include"))
+            for folder in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+                cxx += ["-idirafter", folder]
         define_macros.append(("KDPLUG_WITH_CUDA", None))
         extension = cpp_extension.CUDAExtension(
             "kdplug._C", sources + cuda_sources,

@@ -53,6 +53,27 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def doctor(as_json: bool) -> None:
+    """Show which backend the fused KD loss uses (native kernel or PyTorch fallback) and why."""
+    from .ops import backend_status  # imports torch: only for this command
+
+    status = backend_status()
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"kd_kl_div backend: {status['backend']}")
+    click.echo(f"  native op: {'available' if status['native_available'] else 'missing'} "
+               f"({status['native_source']}): {status['reason']}")
+    click.echo(f"  native kernels for: {', '.join(status['native_devices']) or 'none'}")
+    click.echo(f"  torch {status['torch_version']}, CPU capability {status['cpu_capability']}, "
+               f"CUDA {'available' if status['cuda_available'] else 'not available'}")
+    for name, value in status["env_overrides"].items():
+        click.echo(f"  {name}={value}")
+    click.echo(f"  ({status['force_torch_env']}=1 forces the PyTorch fallback)")
+
+
+@cli.command()
 def demo() -> None:
     """Run the demo. For now it lists the plugins, as `kdplug plugins` does."""
     show_plugins(as_json=False)
