@@ -21,4 +21,10 @@ TORCH_LIBRARY(kdplug, m) {
   // the CUDA kernel runs; CPU only, for tests.
   m.def("kd_kl_fwd_portable(Tensor student, Tensor teacher, float temperature, Tensor? mask, "
         "int reduction, bool teacher_grad) -> (Tensor, Tensor, Tensor)");
+  // A teacher known on k classes per row: indices int64 [rows, k] (distinct within a row) and
+  // values float32 [rows, k], its log-probabilities at T = 1. rest_bucket keeps the teacher's mass
+  // outside the top-k as one class; otherwise the top-k is renormalized (see kd_math.h).
+  // -> (loss, grad_student), loss and reduction as for kd_kl_fwd.
+  m.def("kd_kl_topk_fwd(Tensor student, Tensor indices, Tensor values, float temperature, "
+        "Tensor? mask, int reduction, bool rest_bucket) -> (Tensor, Tensor)");
 }

@@ -50,6 +50,26 @@ inline void check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher
 }
 
 // grad_student may come from the caller (a reused buffer shaped and typed like student).
+inline void check_kd_topk_inputs(const at::Tensor& student, const at::Tensor& indices,
+                                 const at::Tensor& values, const c10::optional<at::Tensor>& mask,
+                                 double temperature, int64_t reduction) {
+  TORCH_CHECK(student.dim() == 2 && student.numel() > 0,
+              "kd_kl_topk_fwd: student must be a non-empty [rows, classes], got ", student.sizes());
+  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kHalf ||
+                  student.scalar_type() == at::kBFloat16 || student.scalar_type() == at::kDouble,
+              "kd_kl_topk_fwd: student must be floating point, got ", student.scalar_type());
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.size(1) >= 1 &&
+                  indices.size(1) <= student.size(1),
+              "kd_kl_topk_fwd: indices must be [rows, k] with 1 <= k <= classes, got ",
+              indices.sizes(), " for student ", student.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "kd_kl_topk_fwd: indices must be int64");
+  TORCH_CHECK(values.sizes() == indices.sizes() && values.scalar_type() == at::kFloat,
+              "kd_kl_topk_fwd: values must be float32 shaped like indices ", indices.sizes());
+  TORCH_CHECK(indices.device() == student.device() && values.device() == student.device(),
+              "kd_kl_topk_fwd: devices differ");
+  check_kd_inputs(student, student, mask, temperature, reduction);
+}
+
 inline KdOutputs allocate_kd_outputs(const at::Tensor& student, bool teacher_grad,
                                      at::Tensor grad_student = {}) {
   KdOutputs out;

@@ -157,4 +157,99 @@ KD_HD acc_t grad_teacher(acc_t x, acc_t y, const RowResultT<acc_t>& r, acc_t t_t
   return t_times_scale * p * ((log_p - log_q_of(x, r)) - r.loss_over_t2);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Top-k teacher: the teacher is known on k distinct classes only, as indices and values v_i, the
+// log-probabilities at T = 1 (log_softmax of its logits, as a teacher cache stores them). At
+// temperature T its distribution over those classes is
+//   renormalize: p_i = softmax_i(v / T)                 the top-k teacher, exact at any T;
+//   bucket:      p_i = (1 - r) softmax_i(v / T)         r = 1 - sum_i exp(v_i), the mass outside
+//                                                        the top-k at T = 1, kept as one class;
+// and the student is compared on the same classes: q_i = q_{idx_i} and, with a bucket, the rest
+// q_r = 1 - sum_i q_i. Per row, with x = s/T:
+//   loss/T^2 = sum_i p_i (log p_i - log q_i) + r (log r - log q_r)
+//   d loss/d s_c = T (q_c - p_c)                for c in the top-k
+//                = T q_c (1 - r / q_r)          elsewhere (= T q_c when renormalizing)
+
+// The teacher side of a row: max and scaled sum of v/T, and the rest mass r (0 to renormalize).
+template <typename acc_t>
+struct TopkTeacherT {
+  acc_t max_v, sum_v, rest;
+};
+
+template <typename acc_t, typename value_t>
+KD_HD TopkTeacherT<acc_t> topk_teacher(const value_t* v, int64_t k, acc_t inv_t, bool bucket) {
+  TopkTeacherT<acc_t> out;
+  out.max_v = -INFINITY;
+  for (int64_t i = 0; i < k; ++i) out.max_v = kd_max_nan(out.max_v, acc_t(v[i]) * inv_t);
+  out.sum_v = acc_t(0);
+  acc_t mass = acc_t(0);
+  for (int64_t i = 0; i < k; ++i) {
+    out.sum_v += kd_rescale(acc_t(v[i]) * inv_t, out.max_v);
+    mass += kd_exp(acc_t(v[i]));
+  }
+  const acc_t rest = acc_t(1) - mass;
+  out.rest = bucket && rest > acc_t(0) ? rest : acc_t(0);
+  return out;
+}
+
+template <typename acc_t>
+KD_HD acc_t topk_p(acc_t v_over_t, const TopkTeacherT<acc_t>& te) {
+  return (acc_t(1) - te.rest) * kd_rescale(v_over_t, te.max_v) / te.sum_v;
+}
+
+// A student rest mass below this is taken as this: the loss stays finite, if huge.
+template <typename acc_t>
+KD_HD acc_t topk_min_rest() { return acc_t(1e-30); }
+
+// What a row's gradient pass needs: the student's log-normalizer, the loss, and the factor of
+// the classes outside the top-k.
+template <typename acc_t>
+struct TopkRowT {
+  acc_t max_x, log_sum_x;  // log q_c = (x_c - max_x) - log_sum_x
+  acc_t loss_over_t2;
+  acc_t outside_factor;    // 1 - r / q_r
+};
+
+// The sum of exp(x - max_x) over the teacher's classes, gathered (k is small next to C).
+template <typename acc_t, typename scalar_t>
+KD_HD acc_t topk_inside_sum(const scalar_t* s, const int64_t* idx, int64_t k, acc_t inv_t,
+                            acc_t max_x) {
+  acc_t inside = acc_t(0);
+  for (int64_t i = 0; i < k; ++i) inside += kd_rescale(acc_t(s[idx[i]]) * inv_t, max_x);
+  return inside;
+}
+
+// The k-sized part of a row, sequential. max_x is the student's row max; inside and outside are
+// its sums of exp(x - max_x) over the teacher's classes and over the others, each summed on its
+// own: the student's rest, outside / (inside + outside), is then exact even when it is tiny,
+// where 1 - sum q would be all rounding.
+template <typename acc_t, typename scalar_t, typename value_t>
+KD_HD TopkRowT<acc_t> topk_row(const scalar_t* s, const int64_t* idx, const value_t* v, int64_t k,
+                               acc_t inv_t, acc_t max_x, acc_t inside, acc_t outside,
+                               const TopkTeacherT<acc_t>& te) {
+  TopkRowT<acc_t> out;
+  const acc_t sum_x = inside + outside;
+  out.max_x = max_x;
+  out.log_sum_x = kd_log(sum_x);
+  const acc_t log_in = kd_log(acc_t(1) - te.rest) - kd_log(te.sum_v) - te.max_v;
+  acc_t loss = acc_t(0);
+  for (int64_t i = 0; i < k; ++i) {
+    const acc_t x = acc_t(s[idx[i]]) * inv_t;
+    const acc_t v_over_t = acc_t(v[i]) * inv_t;
+    const acc_t p = topk_p(v_over_t, te);
+    if (p > acc_t(0)) loss += p * ((v_over_t + log_in) - ((x - max_x) - out.log_sum_x));
+  }
+  acc_t q_rest = outside / sum_x;
+  if (!(q_rest > topk_min_rest<acc_t>())) q_rest = topk_min_rest<acc_t>();
+  if (te.rest > acc_t(0)) loss += te.rest * (kd_log(te.rest) - kd_log(q_rest));
+  out.loss_over_t2 = loss;
+  out.outside_factor = acc_t(1) - te.rest / q_rest;
+  return out;
+}
+
+template <typename acc_t>
+KD_HD acc_t topk_q(acc_t x, const TopkRowT<acc_t>& r) {
+  return kd_exp((x - r.max_x) - r.log_sum_x);
+}
+
 }  // namespace kdplug

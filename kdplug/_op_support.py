@@ -1,0 +1,149 @@
+"""What kdplug's fused ops share: argument checks, the backend choice, the reduction of rows and
+the scaling of a gradient the forward already computed."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _ext
+
+REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+BACKENDS = ("auto", "native", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(op: str, name: str, value, dtypes=FLOAT_DTYPES, what="floating-point logits"):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must hold {what} ({names}), got {value.dtype}")
+
+
+def check_rows(op: str, name: str, value: torch.Tensor) -> None:
+    if value.dim() == 0 or value.numel() == 0:
+        raise ValueError(f"{op}: {name} must have at least one row and one class, got shape "
+                         f"{tuple(value.shape)}")
+
+
+def check_same_device(op: str, name: str, value: torch.Tensor, other_name: str,
+                      other: torch.Tensor) -> None:
+    if value.device != other.device:
+        raise ValueError(f"{op}: {name} on {value.device} and {other_name} on {other.device}: "
+                         f"both must be on the same device")
+
+
+def check_temperature(op: str, temperature) -> float:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"{op}: temperature must be a number, got a tensor of shape "
+                             f"{tuple(temperature.shape)}")
+        temperature = temperature.item()
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def check_choice(op: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_mask(op: str, mask: Optional[torch.Tensor], rows_shape, device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must have dtype torch.bool (True = row counts), "
+                        f"got {mask.dtype}")
+    if mask.shape != rows_shape:
+        raise ValueError(f"{op}: mask must have the logits' leading shape {tuple(rows_shape)}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{op}: mask on {mask.device} but logits on {device}")
+
+
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, mask: Optional[torch.Tensor]):
+    """The reductions of the pure-PyTorch paths; loss_rows holds the counted rows only."""
+    if reduction == "none":
+        if mask is None:
+            return loss_rows
+        return torch.zeros(mask.shape, dtype=loss_rows.dtype, device=mask.device).masked_scatter(
+            mask, loss_rows)
+    if reduction == "sum":
+        return loss_rows.sum()
+    count = loss_rows.numel() if mask is None else mask.sum().clamp_min(1)
+    return loss_rows.sum() / count
+
+
+def is_plain_eager(t: torch.Tensor) -> bool:
+    """A real tensor outside any tracer (dynamo, AOT autograd's fake/functional tensors)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def scaled_grad(saved_grad: torch.Tensor, grad_loss: torch.Tensor, per_row: bool):
+    """The saved d(loss)/d(logits) times the incoming gradient.
+
+    The forward already folded the reduction into the saved gradient, so with the usual incoming
+    gradient of exactly 1 (`loss.backward()`) the saved tensor is the answer and backward moves no
+    memory at all. That check reads one number (a device sync on a GPU, as Liger-Kernel does); it
+    is skipped while tracing (torch.compile, opcheck), where the multiply fuses anyway.
+    """
+    if per_row:
+        return (saved_grad * grad_loss.unsqueeze(-1)).to(saved_grad.dtype)
+    if is_plain_eager(grad_loss) and grad_loss.item() == 1.0:
+        return saved_grad
+    return (saved_grad * grad_loss).to(saved_grad.dtype)
+
+
+# op name -> a function registering its fake kernel and autograd; run once, when the compiled op
+# is first found (registering them needs the op's schema, which only the extension provides).
+_python_parts: dict = {}
+_python_parts_done: set = set()
+
+
+def python_parts(op: str):
+    """Decorator: `fn` registers the Python parts of `kdplug::op`."""
+    def decorate(fn):
+        _python_parts[op] = fn
+        return fn
+    return decorate
+
+
+def native_available(op: str, device_type: str) -> bool:
+    """Whether `kdplug::op` has a native kernel for this device type."""
+    status = _ext.native_status()
+    if not status.available or device_type not in ("cpu", "cuda"):
+        return False
+    if op not in _python_parts_done:
+        _python_parts[op]()
+        _python_parts_done.add(op)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"kdplug::{op}", "CUDA" if device_type == "cuda" else "CPU")
+
+
+# torch.compile runs the choice once while tracing and keeps the answer as a constant, instead
+# of tracing the extension loader (locks, imports, a possible JIT build).
+@torch.compiler.assume_constant_result
+def choose_backend(api: str, op: str, backend: str, device_type: str, supported: bool) -> str:
+    """"native" or "torch" for one call; `supported` is False for inputs the kernel lacks."""
+    if backend == "torch" or _ext._env_flag(_ext.FORCE_TORCH_ENV):
+        if backend == "native":
+            raise RuntimeError(f"{api}: backend='native' but {_ext.FORCE_TORCH_ENV}=1 is set")
+        return "torch"
+    if supported and native_available(op, device_type):
+        return "native"
+    status = _ext.native_status()
+    why = (status.reason if not status.available
+           else f"no native kernel of kdplug::{op} for these {device_type} tensors")
+    if backend == "native":
+        raise RuntimeError(f"{api}: backend='native' is not available: {why}")
+    if not status.available:
+        _ext.warn_fallback_once(status)
+    return "torch"
