@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PACKAGES ?= torch>=2.4 torchvision
+TORCH_PACKAGES ?= "torch>=2.4" torchvision
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup demo test bench clean
