@@ -169,3 +169,23 @@ def test_bad_input_is_a_clear_error(backend):
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             call(**kwargs)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native op not built")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bitmap", ["shared", "global"])
+@pytest.mark.parametrize("shape, k", [((3, 16385), 40), ((1, 262145), 100)],
+                         ids=["block-size-switch", "bitmap-beyond-shared"])
+def test_large_rows_both_bitmaps(device, bitmap, shape, k, monkeypatch):
+    """Where the CUDA kernel changes block size or keeps its top-k bitmap in global memory
+    (KDPLUG_CUDA_TOPK_BITMAP); on the CPU the same shapes check the segmented outside sums."""
+    monkeypatch.setenv("KDPLUG_CUDA_TOPK_BITMAP", bitmap)
+    student, indices, logprobs = topk_teacher(shape, k, device, seed=7)
+    for rest in ("renormalize", "bucket"):
+        loss, grad, grad_out = run(student, indices, logprobs, 1.5, "none", None, rest, "native",
+                                   torch.float16)
+        build = dense_reference if rest == "renormalize" else bucket_reference
+        ref_loss, s = build(student.half().float(), indices, logprobs, 1.5, "none", None)
+        (ref_grad,) = torch.autograd.grad(ref_loss, s, grad_out.double().cpu())
+        assert_loss_close(loss, ref_loss.detach(), torch.float16)
+        assert_grad_close(grad, ref_grad, torch.float16)
