@@ -48,6 +48,17 @@ inline void store_vec(T* p, const Vec& v) {
   at::vec::convert_from_float<T>(v, v).store(p, kVec);
 }
 
+// A row's constants from the double-precision temperature and reduction scale, each rounded
+// once: 1/0.05 is exactly 20, but 1/float(0.05) is not.
+template <typename acc_t>
+struct RowConstants {
+  acc_t inv_t, t_scale, t_squared;  // 1/T, T * scale, T^2
+  RowConstants(double temperature, double scale)
+      : inv_t(static_cast<acc_t>(1.0 / temperature)),
+        t_scale(static_cast<acc_t>(temperature * scale)),
+        t_squared(static_cast<acc_t>(temperature * temperature)) {}
+};
+
 inline float hmax_nan(const Vec& v) {
   float lanes[kVec];
   v.store(lanes);

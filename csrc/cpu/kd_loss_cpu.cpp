@@ -119,10 +119,8 @@ using KdArgs = KdArgsT<float>;
 
 template <typename T>
 void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
-  // Derived in double, then rounded once: 1/0.05 is exactly 20, but 1/float(0.05) is not.
-  const float inv_t = static_cast<float>(1.0 / a.temperature);
-  const float t_scale = static_cast<float>(a.temperature * a.scale);
-  const float t_squared = static_cast<float>(a.temperature * a.temperature);
+  const RowConstants<float> consts(a.temperature, a.scale);
+  const float inv_t = consts.inv_t, t_scale = consts.t_scale, t_squared = consts.t_squared;
   const int64_t grain = std::max<int64_t>(1, 16384 / a.cols);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -143,10 +141,8 @@ void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
 // Fewer rows than threads: cut each row into chunks, merge their statistics, then write.
 template <typename T>
 void kd_forward_split(const KdArgs& a, const T* s, const T* t, T* gs, T* gt, int64_t chunks) {
-  // Derived in double, then rounded once: 1/0.05 is exactly 20, but 1/float(0.05) is not.
-  const float inv_t = static_cast<float>(1.0 / a.temperature);
-  const float t_scale = static_cast<float>(a.temperature * a.scale);
-  const float t_squared = static_cast<float>(a.temperature * a.temperature);
+  const RowConstants<float> consts(a.temperature, a.scale);
+  const float inv_t = consts.inv_t, t_scale = consts.t_scale, t_squared = consts.t_squared;
   const int64_t len = ((a.cols + chunks - 1) / chunks + kVec - 1) / kVec * kVec;
   chunks = (a.cols + len - 1) / len;
   const int64_t tasks = a.rows * chunks;
@@ -197,9 +193,8 @@ void kd_forward_split(const KdArgs& a, const T* s, const T* t, T* gs, T* gt, int
 template <typename T, typename acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>>
 void kd_forward_portable_rows(const KdArgsT<acc_t>& a, const T* s, const T* t, T* gs, T* gt) {
   constexpr int kLanes = 32;
-  const acc_t inv_t = static_cast<acc_t>(1.0 / a.temperature);
-  const acc_t t_scale = static_cast<acc_t>(a.temperature * a.scale);
-  const acc_t t_squared = static_cast<acc_t>(a.temperature * a.temperature);
+  const RowConstants<acc_t> consts(a.temperature, a.scale);
+  const acc_t inv_t = consts.inv_t, t_scale = consts.t_scale, t_squared = consts.t_squared;
   at::parallel_for(0, a.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * a.cols;

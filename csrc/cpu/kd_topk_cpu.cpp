@@ -62,9 +62,8 @@ float sum_exp_outside(const T* s, int64_t n, const int64_t* sorted, int64_t k, f
 
 template <typename T>
 void topk_rows(const TopkArgs& a, const T* s, const int64_t* idx, const float* v, T* gs) {
-  const float inv_t = static_cast<float>(1.0 / a.temperature);
-  const float t_scale = static_cast<float>(a.temperature * a.scale);
-  const float t_squared = static_cast<float>(a.temperature * a.temperature);
+  const RowConstants<float> consts(a.temperature, a.scale);
+  const float inv_t = consts.inv_t, t_scale = consts.t_scale, t_squared = consts.t_squared;
   const int64_t grain = std::max<int64_t>(1, 16384 / a.cols);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> sorted(a.k);
