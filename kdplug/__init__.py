@@ -19,3 +19,20 @@ from .api import (  # noqa: E402  (the API reads __version__)
 from .errors import KdplugError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .registry import Registration  # noqa: E402
+
+# These need torch; they load on first use so that `import kdplug` (and `kdplug plugins`) stay
+# light. `from kdplug import distill` works as usual.
+_LAZY_EXPORTS = {"distill": "engine", "DistillConfig": "engine", "DistillResult": "engine",
+                 "PhaseResult": "engine", "ModelOutput": "outputs", "DataSplits": "data"}
+
+
+def __getattr__(name):  # PEP 562
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'kdplug' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY_EXPORTS))

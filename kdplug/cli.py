@@ -74,9 +74,93 @@ def doctor(as_json: bool) -> None:
 
 
 @cli.command()
-def demo() -> None:
-    """Run the demo. For now it lists the plugins, as `kdplug plugins` does."""
-    show_plugins(as_json=False)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/demo; a previous demo there is replaced).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--device", default=None, help="auto | cpu | cuda (default auto).")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads (default 1: the demo's models are small).")
+@click.option("--quiet", is_flag=True, default=None, help="No per-epoch lines or progress bars.")
+def demo(out: Any, seed: Any, device: Any, threads: Any, quiet: Any) -> None:
+    """Distil on scikit-learn's digits: teacher, scratch student, distilled student side by side."""
+    from .engine.demo import DEMO_SUMMARY, run_demo
+
+    click.echo(DEMO_SUMMARY)
+    result = run_demo(out=out, seed=seed, device=device, threads=threads, quiet=quiet)
+    click.echo(result.table())
+    click.echo(f"report: {result.out / 'report.json'}  curves: {result.out / 'curves.png'}")
+
+
+_OPTION_TABLE_FLAGS = (("teacher_option", "teacher_options"), ("student_option", "student_options"),
+                       ("data_option", "data_options"), ("loss_option", "loss_options"))
+
+
+@cli.command()
+@click.option("--teacher", help="Teacher name (`kdplug plugins` lists them).")
+@click.option("--student", help="Student name.")
+@click.option("--data", help="Data provider name.")
+@click.option("--loss", help="Loss name (default kd+ce).")
+@click.option("--temperature", "-T", type=float, help="Softmax temperature T > 0 (default 4).")
+@click.option("--alpha", type=float, help="Weight of the soft-target term in [0, 1] (default 0.9).")
+@click.option("--epochs", type=int, help="Student epochs (default 10).")
+@click.option("--teacher-epochs", type=int, help="Teacher epochs on the labels (default: --epochs).")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
+              help="Load the teacher from this checkpoint instead of training it.")
+@click.option("--baseline/--no-baseline", default=None,
+              help="Also train the student from scratch (same budget and seed).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (default runs/distill-<time>).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out.")
+@click.option("--overwrite", is_flag=True, default=None, help="Start over in an --out that holds a run.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N (default auto).")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), help="Mixed precision (autocast).")
+@click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--batch-size", type=int, help="Global batch size (default 64).")
+@click.option("--eval-batch-size", type=int, help="Evaluation batch size per process (default 256).")
+@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), help="Default adamw.")
+@click.option("--lr", type=float, help="Learning rate (default 1e-3).")
+@click.option("--teacher-lr", type=float, help="Teacher learning rate (default: --lr).")
+@click.option("--weight-decay", type=float, help="Weight decay (default 0.01).")
+@click.option("--momentum", type=float, help="SGD momentum (default 0.9).")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant"]),
+              help="LR schedule per step (default cosine).")
+@click.option("--warmup-steps", type=int, help="Linear LR warm-up steps (default 0).")
+@click.option("--grad-clip", type=float, help="Max gradient norm (default: none).")
+@click.option("--num-workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--checkpoint-every", type=int,
+              help="Also checkpoint every N steps (default: at each epoch's end only).")
+@click.option("--quiet", is_flag=True, default=None, help="No per-epoch lines or progress bars.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with the same keys (flags override it).")
+@click.option("--teacher-option", multiple=True, metavar="KEY=VALUE",
+              help="Teacher factory option (repeatable), e.g. dropout=0.1.")
+@click.option("--student-option", multiple=True, metavar="KEY=VALUE", help="Student factory option.")
+@click.option("--data-option", multiple=True, metavar="KEY=VALUE",
+              help="Data provider option, e.g. root=data or download=false.")
+@click.option("--loss-option", multiple=True, metavar="KEY=VALUE", help="Loss factory option.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def distill(config_file: Any, as_json: bool, **options: Any) -> None:
+    """Train the teacher, distil the student, (--baseline) train the student alone; compare.
+
+    Writes report.json, metrics.jsonl, curves.png, config.json/.toml and checkpoints/ to --out.
+    Runs under `torchrun --nproc_per_node=K` as it is (DistributedDataParallel).
+    """
+    import os
+
+    from .engine import distill as run_distill
+    from .engine.config import parse_options
+
+    for flag, key in _OPTION_TABLE_FLAGS:
+        items = options.pop(flag)
+        options[key] = parse_options(items, "--" + flag.replace("_", "-")) if items else None
+    result = run_distill(config=config_file, **options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if as_json:
+            click.echo(json.dumps(result.report, indent=2))
+        else:
+            click.echo(result.table())
+            click.echo(f"outputs: {result.out}")
 
 
 def show_plugins(as_json: bool) -> None:

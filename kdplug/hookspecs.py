@@ -52,9 +52,13 @@ def register_losses(register):
 
     Call ``register(name, factory, **info)`` once per loss. ``factory(**options)`` (e.g.
     ``temperature=4.0, alpha=0.9``) must return a callable
-    ``loss(student_out, teacher_out, batch) -> scalar torch.Tensor``, where the outputs are what the
-    models' ``forward`` returned and ``batch`` is the batch as the data loader yields it.
-    ``kdplug.create_loss(name, **options)`` calls it.
+    ``loss(student_out, teacher_out, batch) -> scalar torch.Tensor``. The outputs are
+    ``kdplug.ModelOutput`` objects (``.logits``, and ``.hidden_states`` / ``.attentions`` when the
+    loss has ``requires = {"hidden_states", ...}``); ``batch`` is a dict with ``"inputs"``,
+    ``"labels"`` and, for padded tokens, ``"attention_mask"``. The engine passes its
+    ``temperature=`` and ``alpha=`` when the factory accepts them. A loss that is an
+    ``nn.Module`` with parameters (e.g. a learned projection) is trained with the student and saved
+    in its checkpoints. ``kdplug.create_loss(name, **options)`` calls it.
     """
 
 

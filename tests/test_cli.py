@@ -64,8 +64,10 @@ def test_plugins_json_is_the_api_report(pair):
     assert plugin["registered"]["teacher"] == ["big"]
 
 
-def test_demo_runs_the_plugin_listing_for_now(pair):
-    assert invoke("demo").output == invoke("plugins").output
+def test_demo_is_a_command_with_help():
+    # The demo itself trains for a minute; tests/test_distill.py runs its code path briefly.
+    result = invoke("demo", "--help")
+    assert result.exit_code == 0 and "digits" in result.output
 
 
 def test_kdplug_errors_print_a_message_not_a_traceback(no_installed_plugins):

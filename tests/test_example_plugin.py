@@ -69,14 +69,28 @@ def test_example_models_and_loss_work(example_loaded):
     student_out = student(inputs)
     assert teacher_out.shape == student_out.shape == (8, 5)
 
+    from kdplug.outputs import ModelOutput
+
+    batch = {"inputs": inputs, "labels": targets}
     loss = kdplug.create_loss("example-kd", temperature=2.0, alpha=0.5)
-    value = loss(student_out, teacher_out, (inputs, targets))
+    value = loss(ModelOutput(student_out), ModelOutput(teacher_out), batch)
     assert value.ndim == 0 and torch.isfinite(value)
     value.backward()
     assert all(p.grad is not None for p in student.parameters())
 
     # With alpha=1 only the soft term is left: zero when the student matches the teacher.
     soft_only = kdplug.create_loss("example-kd", alpha=1.0)
-    assert soft_only(teacher_out, teacher_out, (inputs, targets)).abs().item() < 1e-6
+    assert soft_only(ModelOutput(teacher_out), ModelOutput(teacher_out), batch).abs().item() < 1e-6
     with pytest.raises(ValueError, match="temperature > 0"):
         kdplug.create_loss("example-kd", temperature=0)
+
+
+def test_example_plugin_distils_end_to_end(example_loaded, monkeypatch, tmp_path):
+    """The copied-out plugin's models and loss run through kdplug.distill on the digits data."""
+    monkeypatch.setenv("KDPLUG_LOAD_PLUGINS", "example,cifar,losses")
+    result = kdplug.distill(
+        teacher="example-mlp-large", student="example-mlp-small", data="digits",
+        loss="example-kd", epochs=1, teacher_epochs=1, out=str(tmp_path / "run"), quiet=True,
+        teacher_options={"in_features": 64}, student_options={"in_features": 64})
+    assert result.student.name == "example-mlp-small"
+    assert 0.0 <= result.student.accuracy <= 1.0 and (tmp_path / "run" / "report.json").exists()

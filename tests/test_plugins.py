@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 import sys
 
 import pluggy
@@ -99,11 +100,14 @@ def test_failed_plugins_are_shown_by_the_text_listing(run_kdplug, site):
 
 
 def test_disable_list_blocks_plugins(run_kdplug, site):
-    data, _ = report(run_kdplug, site, KDPLUG_DISABLE_PLUGINS="broken, cifar,transformer")
+    builtins = sorted(ep.name for ep in metadata.distribution("kdplug").entry_points
+                      if ep.group == "kdplug")
+    blocked = ["broken", *builtins]
+    data, _ = report(run_kdplug, site, KDPLUG_DISABLE_PLUGINS=" , ".join(blocked))
     assert set(by_name(data)) == {"good"}
     assert data["failed"] == []
     assert {(s["name"], s["reason"]) for s in data["skipped"]} == {
-        (name, "disabled by KDPLUG_DISABLE_PLUGINS") for name in ("broken", "cifar", "transformer")}
+        (name, "disabled by KDPLUG_DISABLE_PLUGINS") for name in blocked}
 
 
 def test_load_list_loads_only_those(run_kdplug, site):

@@ -1,0 +1,377 @@
+"""The training loop: one step (:class:`Trainer`) and one phase of epochs (:class:`PhaseRun`).
+
+A distillation step: the teacher, in ``eval()`` mode with its parameters frozen, runs under
+``torch.no_grad()``; the student runs in train mode; the loss gets both outputs and the batch; the
+student (and the loss's own parameters, if any) take an optimizer step; the LR schedule advances.
+Student and loss are wrapped in one module, so under torchrun one DistributedDataParallel syncs
+every trainable parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import KdplugError
+from ..outputs import ModelOutput
+from .batching import EpochSampler, SeededDataset, batches, call_model, requirements
+from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_everything,
+                         set_rng_state)
+from .config import DistillConfig
+from .distributed import DistEnv
+from .evaluate import evaluate
+
+__all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
+           "autocast_factory"]
+
+
+class NonFiniteLossError(KdplugError):
+    """The loss became NaN or infinite; the run stopped before the step was applied."""
+
+    def __init__(self, message: str, phase: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.phase, self.epoch, self.step = phase, epoch, step
+
+
+def autocast_factory(amp: str, device: torch.device) -> Callable[[], ContextManager]:
+    if amp == "none":
+        return contextlib.nullcontext
+    if amp == "fp16" and device.type != "cuda":
+        raise KdplugError(f"amp 'fp16' needs a CUDA device (this run is on {device}); "
+                          "use --amp bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def make_optimizer(cfg: DistillConfig, params: Sequence[nn.Parameter], lr: float
+                   ) -> torch.optim.Optimizer:
+    """AdamW/Adam (the fused implementation where torch has one for these tensors) or SGD."""
+    params = list(params)
+    if not params:
+        raise KdplugError("the model to train has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    fusable = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                  and p.device.type in ("cpu", "cuda") for p in params)
+    if fusable:
+        try:
+            return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # no fused kernel for these tensors
+            pass
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up, then cosine / linear decay to 0, or constant."""
+    warmup, kind = cfg.warmup_steps, cfg.scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+class _StepModule(nn.Module):
+    """The trained model plus the loss (a module with parameters, or a plain callable)."""
+
+    def __init__(self, model: nn.Module, loss: Callable, requires: frozenset) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss  # registered as a submodule when it is an nn.Module
+        self.requires = requires
+
+    def forward(self, batch: Dict[str, Any], teacher_out: Optional[ModelOutput]) -> torch.Tensor:
+        return self.loss(call_model(self.model, batch, self.requires), teacher_out, batch)
+
+
+class Trainer:
+    """The machinery of one phase: model (+ loss parameters) on the device, DDP under torchrun,
+    optimizer, per-step LR schedule, grad scaler (fp16), autocast, and :meth:`train_step`."""
+
+    def __init__(self, model: nn.Module, loss: Callable, *, cfg: DistillConfig, env: DistEnv,
+                 lr: float, total_steps: int, teacher: Optional[nn.Module] = None,
+                 phase: str = "student") -> None:
+        self.cfg, self.env, self.phase = cfg, env, phase
+        self.requires = requirements(loss)
+        self.model = model.to(env.device)
+        if isinstance(loss, nn.Module):
+            loss.to(env.device)
+        self.loss = loss
+        # A loss may declare that it never reads the teacher's output (``uses_teacher = False``,
+        # like "ce"): the teacher's forward is then skipped.
+        self.teacher = teacher if getattr(loss, "uses_teacher", True) else None
+        if self.teacher is not None:
+            teacher.to(env.device)
+            freeze_teacher(teacher)
+        self.step_module = _StepModule(self.model, loss, self.requires)
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.forward = DDP(self.step_module, device_ids=ids)
+        else:
+            self.forward = self.step_module
+        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, self.params, lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           make_schedule(cfg, total_steps))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.autocast = autocast_factory(cfg.amp, env.device)
+        self._loss_total = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
+
+    def _reduce_device(self) -> torch.device:
+        return self.env.device if self.env.device.type == "cuda" else torch.device("cpu")
+
+    def train_step(self, batch: Dict[str, Any], where: str = "") -> float:
+        """One optimizer step on ``batch`` (already on the device); returns the loss, averaged
+        over processes. A non-finite loss raises before anything is applied."""
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad(), self.autocast():
+                teacher_out = call_model(self.teacher, batch, self.requires)
+        with self.autocast():
+            loss = self.forward(batch, teacher_out)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise KdplugError(f"the loss {type(self.loss).__name__} returned "
+                              f"{type(loss).__name__}{list(getattr(loss, 'shape', []))}; "
+                              "expected a scalar tensor")
+        value = self._global_value(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) in phase {self.phase!r} {where}: the run stopped "
+                "before applying this step; the last good checkpoint is kept. Try a lower lr, "
+                "grad_clip, or amp none.", self.phase, -1, -1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        return value
+
+    def _global_value(self, loss: torch.Tensor) -> float:
+        if not self.env.distributed:
+            return float(loss.detach())
+        total = self._loss_total
+        total.copy_(loss.detach().reshape(1))
+        self.env.all_reduce_sum(total)
+        return float(total) / self.env.world_size
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": optional_state(self.scaler),
+        }
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if isinstance(self.loss, nn.Module) and state.get("loss") is not None:
+            self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def release(self) -> None:
+        """Unfreeze the teacher again (its requires_grad as it was before the phase)."""
+        if self.teacher is not None:
+            unfreeze_teacher(self.teacher)
+
+
+def freeze_teacher(teacher: nn.Module) -> None:
+    """eval() mode and requires_grad False for the phase; remembers what to restore."""
+    teacher.eval()
+    if not hasattr(teacher, "_kdplug_requires_grad"):
+        teacher._kdplug_requires_grad = [p.requires_grad for p in teacher.parameters()]
+    teacher.requires_grad_(False)
+
+
+def unfreeze_teacher(teacher: nn.Module) -> None:
+    flags = getattr(teacher, "_kdplug_requires_grad", None)
+    if flags is not None:
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+        del teacher._kdplug_requires_grad
+
+
+# ----------------------------------------------------------------------------- a phase
+
+@dataclass
+class PhaseRun:
+    """The epochs of one phase ("teacher", "student" or "scratch"): train, evaluate after each
+    epoch, checkpoint (rank 0, atomically), log, call callbacks; resumable from a checkpoint."""
+
+    phase: str
+    trainer: Trainer
+    train_loader: Any
+    sampler: EpochSampler
+    train_dataset: Any
+    test_loader: Any
+    epochs: int
+    task: str
+    seed: int
+    checkpoint_path: Optional[Path]
+    identity: Dict[str, Any]
+    on_record: Callable[[Dict[str, Any]], None] = lambda record: None
+    callbacks: Sequence[Any] = ()
+    log: Callable[[str], None] = lambda line: None
+    show_progress: bool = False
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    _epoch_loader_state: Optional[torch.Tensor] = None
+
+    @property
+    def env(self) -> DistEnv:
+        return self.trainer.env
+
+    def run(self, resume: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+        trainer, sampler = self.trainer, self.sampler
+        per_epoch = sampler.batches_per_epoch
+        start_epoch, start_step, loss_sum, loss_steps = 0, 0, 0.0, 0
+        if resume is not None:
+            trainer.load_state(resume["state"])
+            self.history = list(resume["history"])
+            start_epoch, start_step = int(resume["epoch"]), int(resume["step"])
+            loss_sum, loss_steps = float(resume["loss_sum"]), int(resume["loss_steps"])
+            rngs = resume["rng"]
+            set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
+            if self._loader_generator is not None and resume.get("loader_rng") is not None:
+                self._loader_generator.set_state(resume["loader_rng"])
+            if start_epoch < self.epochs:
+                self.log(f"{self.phase}: resuming at epoch {start_epoch + 1}, step {start_step} "
+                         f"of {per_epoch}")
+        else:
+            seed_everything(self.seed + self.env.rank)
+            if self._loader_generator is not None:  # each phase's draws start afresh
+                self._loader_generator.manual_seed(self.seed)
+        every = trainer.cfg.checkpoint_every
+        try:
+            for epoch in range(start_epoch, self.epochs):
+                skip = start_step if epoch == start_epoch else 0
+                if skip == 0:
+                    loss_sum, loss_steps = 0.0, 0
+                sampler.set_epoch(epoch, skip)
+                if isinstance(self.train_dataset, SeededDataset):
+                    self.train_dataset.set_epoch(epoch)
+                trainer.model.train()
+                if trainer.teacher is not None:
+                    trainer.teacher.eval()
+                bar = self._progress(epoch, per_epoch, skip)
+                # the loader draws its workers' base seed from this generator as the epoch's
+                # iteration starts; a mid-epoch checkpoint keeps the state from before that draw
+                self._epoch_loader_state = self._loader_state()
+                started, samples = time.perf_counter(), 0
+                step = skip
+                for batch in batches(self.train_loader, self.env.device, f"{self.phase} training"):
+                    where = f"epoch {epoch + 1}, step {step + 1}"
+                    try:
+                        value = trainer.train_step(batch, where)
+                    except NonFiniteLossError as exc:
+                        raise NonFiniteLossError(str(exc), self.phase, epoch + 1,
+                                                 step + 1) from None
+                    step += 1
+                    loss_sum, loss_steps = loss_sum + value, loss_steps + 1
+                    samples += int(batch["labels"].shape[0]) * self.env.world_size
+                    if bar is not None:
+                        elapsed = max(time.perf_counter() - started, 1e-9)
+                        bar.set_postfix(loss=f"{loss_sum / loss_steps:.4f}",
+                                        samples_s=f"{samples / elapsed:.0f}", refresh=False)
+                        bar.update(1)
+                    global_step = epoch * per_epoch + step
+                    if every and global_step % every == 0 and step < per_epoch:
+                        self.save(epoch, step, loss_sum, loss_steps)
+                    for cb in self.callbacks:
+                        hook = getattr(cb, "on_step", None)
+                        if hook is not None:
+                            hook(phase=self.phase, epoch=epoch + 1, step=step, loss=value)
+                if bar is not None:
+                    bar.close()
+                elapsed = time.perf_counter() - started
+                metrics = evaluate(trainer.model, self.test_loader, task=self.task, env=self.env,
+                                   autocast=trainer.autocast, where=f"{self.phase} evaluation")
+                record = {"phase": self.phase, "epoch": epoch + 1,
+                          "train_loss": loss_sum / max(loss_steps, 1), "lr": trainer.lr,
+                          **{f"test_{k}": v for k, v in metrics.items()},
+                          "epoch_time_s": round(elapsed, 4),
+                          "samples_per_s": round(samples / max(elapsed, 1e-9), 1)}
+                self.history.append(record)
+                self.save(epoch + 1, 0, 0.0, 0)
+                self.on_record(record)
+                if (epoch + 1) % max(1, self.epochs // 10) == 0 or epoch + 1 == self.epochs:
+                    self.log(_epoch_line(record, self.epochs))  # at most ~10 lines a phase
+                for cb in self.callbacks:
+                    hook = getattr(cb, "on_epoch_end", None)
+                    if hook is not None:
+                        hook(phase=self.phase, epoch=epoch + 1, metrics=dict(record))
+        finally:
+            trainer.release()
+        return self.history
+
+    def save(self, epoch: int, step: int, loss_sum: float, loss_steps: int) -> None:
+        """The full state after ``step`` batches of epoch ``epoch`` (0-based; step 0 = start)."""
+        rngs = self.env.gather(rng_state())  # a collective: every process calls save
+        if self.checkpoint_path is None or not self.env.is_main:
+            return
+        loader_rng = self._epoch_loader_state if step else self._loader_state()
+        atomic_save({
+            "format": FORMAT, "phase": self.phase, "epoch": epoch, "step": step,
+            "done": epoch >= self.epochs and step == 0, "epochs": self.epochs,
+            "state": self.trainer.state(), "rng": rngs, "loss_sum": loss_sum,
+            "loss_steps": loss_steps, "history": self.history, "identity": self.identity,
+            "world_size": self.env.world_size, "loader_rng": loader_rng,
+            "model": self.trainer.model.state_dict(),
+        }, self.checkpoint_path)
+
+    @property
+    def _loader_generator(self) -> Optional[torch.Generator]:
+        return getattr(self.train_loader, "generator", None)
+
+    def _loader_state(self) -> Optional[torch.Tensor]:
+        generator = self._loader_generator
+        return None if generator is None else generator.get_state()
+
+    def _progress(self, epoch: int, total: int, initial: int) -> Any:
+        if not self.show_progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=f"{self.phase} {epoch + 1}/{self.epochs}",
+                    unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
+    extra = (f"  ppl {record['test_perplexity']:.3f}" if "test_perplexity" in record else "")
+    return (f"{record['phase']:<8} epoch {record['epoch']:>3}/{epochs}  "
+            f"train loss {record['train_loss']:.4f}  test acc {record['test_accuracy']:.2%}  "
+            f"test loss {record['test_loss']:.4f}{extra}  ({record['epoch_time_s']:.1f} s, "
+            f"{record['samples_per_s']:.0f} samples/s)")

@@ -1,0 +1,174 @@
+"""Built-in loss providers: ``ce``, ``kd`` and ``kd+ce`` (the default).
+
+A loss is a callable ``loss(student_out, teacher_out, batch) -> scalar tensor``:
+
+- ``student_out``/``teacher_out`` are :class:`kdplug.outputs.ModelOutput` (plain logits tensors are
+  accepted too); logits are ``[B, C]`` for classification or ``[B, L, V]`` for language models.
+- ``batch`` is the batch dict: ``"inputs"``, ``"labels"`` (``-100`` marks tokens that count for
+  nothing) and optionally ``"attention_mask"`` (bool, True = real token).
+
+The losses here are small ``nn.Module``\\ s without parameters. A loss *with* parameters (say a
+learned projection for feature hints) is written the same way: the engine moves it to the device,
+trains its parameters with the student's optimizer and keeps its ``state_dict`` in checkpoints. A
+loss that needs intermediate outputs sets ``requires = {"hidden_states"}`` and/or
+``{"attentions"}``; the engine then asks the models for them.
+
+Every factory takes the engine's ``temperature=`` and ``alpha=`` (and ignores what it does not use).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdplug
+from kdplug.outputs import as_model_output
+
+IGNORE_INDEX = -100
+
+__all__ = ["CrossEntropyLoss", "KDLoss", "KDCrossEntropyLoss", "check_temperature", "check_alpha",
+           "cross_entropy", "token_mask", "register_losses"]
+
+
+def check_temperature(temperature: Any) -> float:
+    """T as a float; a clear KdplugError unless it is a finite number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise kdplug.KdplugError(f"temperature must be a number > 0, got {temperature!r}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise kdplug.KdplugError(
+            f"temperature must be finite and > 0, got {temperature:g} (T softens the logits as "
+            "softmax(logits/T); T=1 is the plain softmax, 2..8 is usual for distillation)")
+    return temperature
+
+
+def check_alpha(alpha: Any) -> float:
+    """α as a float; a clear KdplugError unless 0 <= α <= 1."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise kdplug.KdplugError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
+        raise kdplug.KdplugError(
+            f"alpha must be in [0, 1], got {alpha:g} (loss = alpha*kd + (1-alpha)*ce: "
+            "alpha=1 is soft targets only, alpha=0 is hard labels only)")
+    return alpha
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return as_model_output(out).logits
+
+
+def token_mask(logits: torch.Tensor, batch: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """For [B, L, V] logits: the bool [B, L] mask of counted tokens, or None (count every row).
+
+    Tokens count where ``labels != -100`` (when labels are shaped like the tokens) and where
+    ``attention_mask`` is True (when the batch has one).
+    """
+    if logits.dim() < 3:
+        return None
+    rows = logits.shape[:-1]
+    mask = None
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == rows:
+        mask = labels != IGNORE_INDEX
+    attention = batch.get("attention_mask")
+    if isinstance(attention, torch.Tensor) and attention.shape == rows:
+        attention = attention.to(device=logits.device, dtype=torch.bool)
+        mask = attention if mask is None else mask & attention
+    return mask
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over counted rows ([B, L, V] logits, [B, L] labels; -100 ignored)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    if labels.numel() != logits.shape[0]:
+        raise kdplug.KdplugError(
+            f"cross-entropy: {logits.shape[0]} rows of logits but {labels.numel()} labels")
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Hard labels only: CE(student, labels). The teacher output is not used."""
+
+    requires: frozenset = frozenset()
+    uses_teacher = False
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, **options: Any) -> None:
+        super().__init__()
+        _no_options("ce", options)
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
+        return cross_entropy(_logits(student_out), batch["labels"])
+
+
+class KDLoss(nn.Module):
+    """Soft targets only: T²·KL(softmax(t/T) ‖ softmax(s/T)) through kdplug.ops.kd_kl_div."""
+
+    requires: frozenset = frozenset()
+    uses_teacher = True
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, *, backend: str = "auto",
+                 **options: Any) -> None:
+        super().__init__()
+        _no_options("kd", options)
+        self.temperature = check_temperature(temperature)
+        self.backend = backend
+
+    def soft(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+             batch: Dict[str, Any]) -> torch.Tensor:
+        from kdplug.ops import kd_kl_div  # here: listing plugins need not load the compiled op
+
+        if teacher_logits.dtype != student_logits.dtype:  # e.g. one model outside autocast
+            teacher_logits = teacher_logits.to(student_logits.dtype)
+        return kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
+                         mask=token_mask(student_logits, batch), backend=self.backend)
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
+        return self.soft(_logits(student_out), _logits(teacher_out), batch)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:g}"
+
+
+class KDCrossEntropyLoss(KDLoss):
+    """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y): Hinton et al. (2015)."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, *, backend: str = "auto",
+                 **options: Any) -> None:
+        _no_options("kd+ce", options)
+        super().__init__(temperature, backend=backend)
+        self.alpha = check_alpha(alpha)
+
+    def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
+        student_logits = _logits(student_out)
+        loss = None
+        if self.alpha > 0:
+            loss = self.alpha * self.soft(student_logits, _logits(teacher_out), batch)
+        if self.alpha < 1:
+            hard = (1.0 - self.alpha) * cross_entropy(student_logits, batch["labels"])
+            loss = hard if loss is None else loss + hard
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:g}, alpha={self.alpha:g}"
+
+
+def _no_options(name: str, options: Dict[str, Any]) -> None:
+    if options:
+        raise kdplug.KdplugError(
+            f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
+            f"its options are temperature, alpha and backend")
+
+
+@kdplug.hookimpl
+def register_losses(register):
+    register("ce", CrossEntropyLoss,
+             description="cross-entropy on the hard labels only (a student trained alone)")
+    register("kd", KDLoss,
+             description="T²·KL(softmax(t/T) ‖ softmax(s/T)) on the teacher's soft targets")
+    register("kd+ce", KDCrossEntropyLoss,
+             description="α·kd + (1−α)·ce, Hinton et al. 2015 (the default)")

@@ -1,0 +1,246 @@
+"""Image data providers: CIFAR-10 (torchvision) and scikit-learn's digits (no download).
+
+Both return a :class:`kdplug.data.DataSplits` whose items are ``(image [C, H, W] float32, label)``
+and whose ``model_options`` (``in_channels``, ``image_size``, ``num_classes``) shape the CNNs.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import kdplug
+from kdplug.data import DataSplits
+
+__all__ = ["cifar10", "digits", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_FILES", "DATA_DIR_ENV"]
+
+#: Per-channel mean and standard deviation of the CIFAR-10 training images.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+#: Where `cifar10` looks when no ``root`` is given (default: ./data).
+DATA_DIR_ENV = "KDPLUG_DATA_DIR"
+
+
+def _subset(dataset: Dataset, size: Optional[int], option: str) -> Dataset:
+    if size is None:
+        return dataset
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise kdplug.KdplugError(f"{option} must be a positive int, got {size!r}")
+    return Subset(dataset, range(min(size, len(dataset))))  # the first `size` items: deterministic
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def _download(root: Path) -> None:
+    """Fetch and extract the official archive into root (torchvision checks its md5)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                 md5=CIFAR10.tgz_md5)
+
+
+def _missing(folder: Path) -> List[str]:
+    return [name for name in CIFAR10_FILES if not (folder / name).is_file()]
+
+
+def _cifar_dataset_class():
+    from torchvision.datasets import CIFAR10
+
+    class CIFAR10Files(CIFAR10):
+        """torchvision's CIFAR10, whose integrity check can be the format instead of the md5.
+
+        ``verify=True`` keeps torchvision's check: each file's md5 must be the official one.
+        ``verify=False`` accepts any files in the same on-disk format (pickled dicts with
+        ``data`` uint8 [N, 3072] and ``labels``; ``batches.meta`` with ``label_names``), e.g. a
+        small locally generated copy for tests; the format is checked when the files load.
+        """
+
+        def __init__(self, root: str, train: bool, transform: Any, verify: bool) -> None:
+            self.verify = verify
+            super().__init__(root, train=train, transform=transform, download=False)
+
+        def _check_integrity(self) -> bool:
+            if self.verify:
+                return super()._check_integrity()
+            return not _missing(Path(self.root) / self.base_folder)
+
+        def _load_meta(self) -> None:
+            if self.verify:
+                return super()._load_meta()
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            with open(path, "rb") as infile:
+                self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return CIFAR10Files
+
+
+def _how_to_get(root: Path) -> str:
+    from torchvision.datasets import CIFAR10
+
+    return (f"To get it: download {CIFAR10.url} (163 MB) on a machine with network access and "
+            f"extract it with `tar xzf {CIFAR10.filename} -C {root}` (that creates "
+            f"{CIFAR10_FOLDER}/), or point --data-option root=DIR at a folder that holds "
+            f"{CIFAR10_FOLDER}/.")
+
+
+def _open_cifar(root: Path, download: bool, verify: bool, transforms: Sequence[Any]) -> tuple:
+    folder = root / CIFAR10_FOLDER
+    missing = _missing(folder)
+    if missing and download:
+        try:
+            _download(root)
+        except Exception as exc:  # no network, proxy, disk full, bad archive, ...
+            raise kdplug.KdplugError(
+                f"CIFAR-10 not found: looked in {folder} for {', '.join(CIFAR10_FILES)} "
+                f"(missing: {', '.join(missing)}), and downloading it failed: "
+                f"{type(exc).__name__}: {exc}. {_how_to_get(root)}") from None
+        missing = _missing(folder)
+    if missing:
+        why = ("download=true did not produce them" if download else
+               "download=false, so nothing was downloaded (--data-option download=true fetches "
+               "it when there is network access)")
+        raise kdplug.KdplugError(
+            f"CIFAR-10 not found: looked in {folder} for {', '.join(CIFAR10_FILES)} (missing: "
+            f"{', '.join(missing)}); {why}. {_how_to_get(root)}")
+    cls = _cifar_dataset_class()
+    splits = []
+    for train, transform in zip((True, False), transforms):
+        try:
+            dataset = cls(str(root), train=train, transform=transform, verify=verify)
+        except RuntimeError as exc:
+            if verify and "corrupted" in str(exc):
+                raise kdplug.KdplugError(
+                    f"the CIFAR-10 files in {folder} fail torchvision's md5 check (corrupted, or "
+                    "not the official files). Download them again, or, for a locally generated "
+                    "copy in the same format, pass --data-option verify=false (checks the format "
+                    "instead).") from None
+            raise
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+            raise kdplug.KdplugError(
+                f"the CIFAR-10 files in {folder} are not in the CIFAR-10 python format (pickled "
+                f"dicts with 'data' uint8 [N, 3072] and 'labels'; batches.meta with "
+                f"'label_names'): {type(exc).__name__}: {exc}") from None
+        labels = torch.as_tensor(dataset.targets)
+        if len(labels) != len(dataset.data) or (len(labels) and (
+                int(labels.min()) < 0 or int(labels.max()) >= 10)):
+            raise kdplug.KdplugError(
+                f"the CIFAR-10 files in {folder} hold {len(dataset.data)} images but "
+                f"{len(labels)} labels, or labels outside 0..9")
+        splits.append(dataset)
+    return tuple(splits)
+
+
+def cifar10(*, root: Optional[str] = None, download: bool = True, verify: bool = True,
+            augment: bool = True, train_size: Optional[int] = None,
+            test_size: Optional[int] = None) -> DataSplits:
+    """CIFAR-10 through torchvision: 50,000 training and 10,000 test images, 3×32×32, 10 classes.
+
+    Options:
+        root: the folder that holds (or will hold) ``cifar-10-batches-py/``; default
+            ``$KDPLUG_DATA_DIR`` or ``./data``.
+        download: fetch the official archive when the files are missing (default true).
+        verify: torchvision's md5 check of every file (default true). ``verify=false`` checks the
+            on-disk format instead, for locally generated data in the same format.
+        augment: random crop (padding 4) and horizontal flip for training (default true).
+        train_size, test_size: use only the first N images of a split (quick runs).
+    """
+    from torchvision import transforms as T
+
+    root_path = Path(root if root is not None else os.environ.get(DATA_DIR_ENV, "data"))
+    root_path = root_path.expanduser().resolve()
+    normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+                          if augment else []) + normalize)
+    train, test = _open_cifar(root_path, bool(download), bool(verify),
+                              (train_tf, T.Compose(normalize)))
+    return DataSplits(
+        train=_subset(train, train_size, "train_size"), test=_subset(test, test_size, "test_size"),
+        num_classes=10, input_shape=(3, 32, 32),
+        model_options={"in_channels": 3, "image_size": 32, "num_classes": 10},
+        info={"source": str(root_path / CIFAR10_FOLDER), "classes": list(train.classes),
+              "augment": bool(augment), "verify": bool(verify)},
+    )
+
+
+# ----------------------------------------------------------------------------- digits
+
+class _Shifted(Dataset):
+    """Training images translated by a random offset of up to ``shift`` pixels each way (the
+    uncovered border gets the background value); the offset comes from torch's global RNG, which
+    the engine seeds per item, so it is reproducible."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int, fill: float) -> None:
+        self.images, self.labels, self.shift, self.fill = images, labels, shift, fill
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        image, s = self.images[index], self.shift
+        dy, dx = (torch.randint(-s, s + 1, (2,)) + s).tolist()
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (s, s, s, s), value=self.fill)
+        return padded[:, dy:dy + height, dx:dx + width], self.labels[index]
+
+
+def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.25,
+           split_seed: int = 0, train_size: Optional[int] = None, augment: int = 0) -> DataSplits:
+    """scikit-learn's handwritten digits: 1,797 real 8×8 grey images, 10 classes, no download.
+
+    A stratified split (``test_fraction`` of each class held out, fixed by ``split_seed``),
+    standardized with the training split's mean and std. Options:
+        image_size: upsample (bilinear) to this size; 8 is native.
+        channels: 1, or 3 to repeat the grey channel (for models fixed to RGB input).
+        train_size: keep only the first N training images (after the shuffled split).
+        augment: translate each training image by a random offset of up to this many (8×8)
+            pixels each way; 0 (the default) turns augmentation off.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    for name, value, low in (("image_size", image_size, 1), ("channels", channels, 1),
+                             ("augment", augment, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise kdplug.KdplugError(f"digits: {name} must be an int >= {low}, got {value!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise kdplug.KdplugError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=float(test_fraction), random_state=int(split_seed),
+        stratify=bunch.target)
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    if train_size is not None:
+        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+            raise kdplug.KdplugError(
+                f"digits: train_size must be a positive int, got {train_size!r}")
+        train_idx = train_idx[:train_size]
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if channels != 1:
+        x = x.repeat(1, channels, 1, 1)
+    x = x.contiguous()
+    if augment:
+        shift = max(1, round(augment * image_size / 8))
+        train: Dataset = _Shifted(x[train_idx], y[train_idx], shift, float(-mean / std))
+    else:
+        train = TensorDataset(x[train_idx], y[train_idx])
+    return DataSplits(
+        train=train, test=TensorDataset(x[test_idx], y[test_idx]),
+        num_classes=10, input_shape=(channels, image_size, image_size),
+        model_options={"in_channels": channels, "image_size": image_size, "num_classes": 10},
+        info={"source": "sklearn.datasets.load_digits", "train_samples": len(train_idx),
+              "test_samples": len(test_idx), "augment": augment},
+    )
