@@ -41,9 +41,15 @@ RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t) {
   RowStats st = row_stats_empty();
   st.max_x = max_s * inv_t;  // T > 0, so max(s)/T is the max of s/T, rounding included
   st.max_y = max_t * inv_t;
-  if (!std::isfinite(st.max_x) || !std::isfinite(st.max_y)) return st;
-
-  const Vec vinv(inv_t), vmax_x(st.max_x), vmax_y(st.max_y), zero(0.f);
+  if (std::isnan(st.max_x) || std::isnan(st.max_y) || st.max_x == INFINITY ||
+      st.max_y == INFINITY) {
+    return st;
+  }
+  // A side that is all -inf in this stretch has sums 0 (exp against 0 gives exactly that); the
+  // other side's sums are still needed when the stretch is one chunk of a longer row.
+  const float ref_x = st.max_x == -INFINITY ? 0.f : st.max_x;
+  const float ref_y = st.max_y == -INFINITY ? 0.f : st.max_y;
+  const Vec vinv(inv_t), vmax_x(ref_x), vmax_y(ref_y), zero(0.f);
   Vec sum_x(0.f), sum_y(0.f), cross(0.f);
   for (i = 0; i + kVec <= n; i += kVec) {
     const Vec x = load_vec(s + i) * vinv;
@@ -60,8 +66,8 @@ RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t) {
   st.cross = hsum(cross);
   for (; i < n; ++i) {
     const float x = static_cast<float>(s[i]) * inv_t, y = static_cast<float>(t[i]) * inv_t;
-    const float ey = kd_rescale(y, st.max_y);
-    st.sum_x += kd_rescale(x, st.max_x);
+    const float ey = kd_rescale(y, ref_y);
+    st.sum_x += kd_rescale(x, ref_x);
     st.sum_y += ey;
     st.cross += kd_cross_term(ey, y - x);
   }
@@ -117,6 +123,8 @@ struct KdArgsT {
 };
 using KdArgs = KdArgsT<float>;
 
+constexpr int64_t kStatsStretch = 4096;  // student + teacher float32: 32 KiB
+
 template <typename T>
 void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
   const RowConstants<float> consts(a.temperature, a.scale);
@@ -131,7 +139,14 @@ void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
         zero_row(gs + off, row_gt, a.cols);
         continue;
       }
-      const RowResult res = row_result(chunk_stats(s + off, t + off, a.cols, inv_t));
+      // Long rows go by stretches that stay in L1 while their max and sum sweeps run; the
+      // stretches' statistics merge exactly as the GPU's threads do.
+      RowStats st = row_stats_empty();
+      for (int64_t c = 0; c < a.cols; c += kStatsStretch) {
+        st = row_stats_merge(st, chunk_stats(s + off + c, t + off + c,
+                                             std::min(kStatsStretch, a.cols - c), inv_t));
+      }
+      const RowResult res = row_result(st);
       a.loss_rows[r] = row_is_finite(res) ? t_squared * res.loss_over_t2 : NAN;
       chunk_write(s + off, t + off, a.cols, inv_t, res, t_scale, gs + off, row_gt);
     }
