@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from .errors import DuplicateNameError, InvalidFactoryError, PluginError, UnknownNameError
+from .errors import (DuplicateNameError, InvalidFactoryError, KdplugError, PluginError,
+                     UnknownNameError)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,21 @@ class Registry:
         return {name: entries[name] for name in sorted(entries)}
 
     def get(self, kind: str, name: str) -> Registration:
+        """The registration of ``name``; ``NAME:ARGUMENT`` resolves through a prefix provider.
+
+        A provider registered with ``info`` ``argument="OPTION"`` (say ``register("text", f,
+        argument="path")``) also answers ``text:ARG`` names: the result is a Registration named
+        ``text:ARG`` whose factory gets ``OPTION=ARG`` (e.g. ``--data text:corpus.txt``,
+        ``--teacher hf:./checkpoint``). An exact name always wins.
+        """
         entries = self.entries(kind)
         if name in entries:
             return entries[name]
+        prefix, colon, argument = str(name).partition(":")
+        provider = entries.get(prefix) if colon else None
+        if provider is not None and provider.info.get("argument"):
+            return replace(provider, name=name, factory=_bind_argument(
+                provider, str(provider.info["argument"]), argument))
         raise UnknownNameError(_unknown_name_message(KINDS[kind], name, list(entries)))
 
     def names_by_plugin(self, plugin: str) -> Dict[str, List[str]]:
@@ -120,6 +133,21 @@ class Registry:
             kind: [name for name, entry in self.entries(kind).items() if entry.plugin == plugin]
             for kind in KINDS
         }
+
+
+def _bind_argument(provider: Registration, option: str, argument: str) -> Callable[..., Any]:
+    """provider.factory with ``option=argument``; giving the option again is an error."""
+
+    def factory(**options: Any) -> Any:
+        if option in options:
+            raise KdplugError(
+                f"{provider.kind} '{provider.name}:{argument}' already sets {option}={argument!r}; "
+                f"do not also pass the option {option}={options[option]!r}")
+        return provider.factory(**{option: argument}, **options)
+
+    factory.__name__ = getattr(provider.factory, "__name__", "factory")
+    factory.__doc__ = provider.factory.__doc__
+    return factory
 
 
 def _kind(kind: str) -> Kind:

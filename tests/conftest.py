@@ -12,6 +12,18 @@ import pytest
 from kdplug.plugins import DISABLE_ENV, LOAD_ENV, reset_plugin_manager
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run many times faster on one thread than on two of a busy 2-core machine.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_plugins():
     """Plugins are found and loaded again for this test, and forgotten after it."""

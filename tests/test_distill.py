@@ -39,16 +39,16 @@ class GeneratedData:
         register("generated", generated, description="test data: noisy prototypes")
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+
+
 @pytest.fixture(scope="module", autouse=True)
 def generated_plugin():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast, and robust on a busy machine
     name = kdplug.register_plugin(GeneratedData, name="generated-data")
     try:
         yield name
     finally:
         kdplug.unregister_plugin(name)
-        torch.set_num_threads(threads)
 
 
 TINY = dict(teacher="cnn-teacher", student="cnn-student", data="generated", epochs=2,
