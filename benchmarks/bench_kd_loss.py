@@ -6,8 +6,10 @@ pure-PyTorch fallback, the eager composition users write, and torch.compile of i
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
 
 The floor is the time to read student and teacher logits once and write the gradient once
-(3·N·C·bytes) at the copy bandwidth measured in the same run. Variants are interleaved so a noisy
-machine slows all alike; each figure is a median. Peak extra memory is what a forward+backward
+(3·N·C·bytes): measured in the same run as `torch.add(s, t, out=g)` on the same tensors, which
+moves exactly those bytes, so caches and threads treat it as they treat the op (a single copy
+bandwidth would flatter or punish sizes that fit this machine's large L3). Variants, the floor
+included, are interleaved so a noisy machine slows all alike; each figure is a median. Peak extra memory is what a forward+backward
 adds on top of the inputs: on CPU the resident-set high-water mark of a fresh subprocess (with the
 op's buffer reuse off, so its gradient is counted like everyone else's), on a GPU
 torch.cuda.max_memory_allocated.
@@ -83,17 +85,20 @@ def copy_bandwidth(nbytes, device, repeats):
 
 
 def time_variants(n, c, dtype, device, repeats):
+    """Median ms of each variant's forward+backward, and of the floor (s + t into g)."""
     s, t = inputs(n, c, dtype, device)
-    steps = {v: make_step(v) for v in VARIANTS}
+    out = torch.empty_like(t)
+    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in VARIANTS}
+    steps["floor"] = lambda: torch.add(s.detach(), t, out=out)
     for step in steps.values():  # warm-up: compile, JIT, allocator
-        fwd_bwd(step, s, t)
-        fwd_bwd(step, s, t)
-    times = {v: [] for v in VARIANTS}
+        step()
+        step()
+    times = {v: [] for v in steps}
     for _ in range(repeats):
         for v, step in steps.items():
             sync(device)
             t0 = time.perf_counter()
-            fwd_bwd(step, s, t)
+            step()
             sync(device)
             times[v].append(time.perf_counter() - t0)
     return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
@@ -166,9 +171,10 @@ def main():
           f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})")
     largest = max(n * c * 4 for n, c, _ in cases)
     bandwidth = copy_bandwidth(largest, device, repeats)
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read+write of {largest / 2**20:.0f} MiB)\n")
+    print(f"copy bandwidth, for reference: {bandwidth / 1e9:.1f} GB/s (read+write of "
+          f"{largest / 2**20:.0f} MiB); each row's floor is measured on its own tensors\n")
 
-    header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} | "
+    header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} {'GB/s':>6} | "
               + " | ".join(f"{v:>16}" for v in VARIANTS)
               + " | native vs eager, vs compile")
     print(header)
@@ -176,13 +182,16 @@ def main():
     rows = []
     for n, c, dtype in cases:
         itemsize = torch.tensor([], dtype=dtype).element_size()
-        floor_ms = 3 * n * c * itemsize / bandwidth * 1e3
         ms = time_variants(n, c, dtype, device, repeats)
+        floor_ms = ms.pop("floor")
+        floor_gbs = 3 * n * c * itemsize / floor_ms / 1e6
         cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in VARIANTS)
-        print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} {floor_ms:9.3f} | {cells} | "
+        print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} {floor_ms:9.3f} {floor_gbs:6.1f} | "
+              f"{cells} | "
               f"{ms['eager'] / ms['native']:5.1f}x, {ms['compile'] / ms['native']:4.1f}x",
               flush=True)
-        rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms, "ms": ms})
+        rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms,
+                     "floor_gbs": floor_gbs, "ms": ms})
 
     if not args.no_memory:
         print("\npeak extra memory of one forward+backward, as a multiple of one input "

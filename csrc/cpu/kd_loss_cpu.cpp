@@ -25,8 +25,11 @@ using namespace cpu;
 // stretches of one row merge with row_stats_merge). A non-finite maximum (NaN, +inf, or a stretch
 // that is all -inf) is returned as is: the exps below would not carry it (the polynomial exp
 // clamps NaN), so row_is_finite() makes the whole row NaN instead, as PyTorch's softmax does.
+// With keep_x/keep_y, the stretch's exp(x - max) and exp(y - max) are kept there, so the gradient
+// sweep needs no exps of its own.
 template <typename T>
-RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t) {
+RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t, float* keep_x = nullptr,
+                     float* keep_y = nullptr) {
   Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) {
@@ -58,6 +61,10 @@ RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t) {
     const Vec ey = fast_exp(y - vmax_y);
     sum_x = sum_x + ex;
     sum_y = sum_y + ey;
+    if (keep_x) {
+      ex.store(keep_x + i);
+      ey.store(keep_y + i);
+    }
     // where the teacher's weight is 0 (its logit is -inf) the term is 0, not 0 * inf
     cross = cross + ((ey != zero) & (ey * (y - x)));
   }
@@ -66,12 +73,36 @@ RowStats chunk_stats(const T* s, const T* t, int64_t n, float inv_t) {
   st.cross = hsum(cross);
   for (; i < n; ++i) {
     const float x = static_cast<float>(s[i]) * inv_t, y = static_cast<float>(t[i]) * inv_t;
-    const float ey = kd_rescale(y, ref_y);
-    st.sum_x += kd_rescale(x, ref_x);
+    const float ex = kd_rescale(x, ref_x), ey = kd_rescale(y, ref_y);
+    st.sum_x += ex;
     st.sum_y += ey;
     st.cross += kd_cross_term(ey, y - x);
+    if (keep_x) {
+      keep_x[i] = ex;
+      keep_y[i] = ey;
+    }
   }
   return st;
+}
+
+// exp(stretch max - lse): turns a stretch's kept exp(x - stretch max) into probabilities. A
+// stretch that was all -inf kept zeros and gets 0 (its reference was 0, not its max).
+inline float kept_to_probability(float stretch_max, float row_max, float log_sum) {
+  return stretch_max == -INFINITY ? 0.f : std::exp((stretch_max - row_max) - log_sum);
+}
+
+// The student's gradient of one stretch from what chunk_stats kept: T·scale·(q − p), no exps.
+template <typename T>
+void chunk_write_kept(const float* keep_x, const float* keep_y, int64_t n, const RowStats& stretch,
+                      const RowResult& r, float t_scale, T* grad_s) {
+  const float fq = t_scale * kept_to_probability(stretch.max_x, r.max_x, r.log_sum_x);
+  const float fp = t_scale * kept_to_probability(stretch.max_y, r.max_y, r.log_sum_y);
+  const Vec vfq(fq), vfp(fp);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    store_vec(grad_s + i, Vec::loadu(keep_x + i) * vfq - Vec::loadu(keep_y + i) * vfp);
+  }
+  for (; i < n; ++i) grad_s[i] = static_cast<T>(keep_x[i] * fq - keep_y[i] * fp);
 }
 
 inline bool row_is_finite(const RowResult& r) {
@@ -130,7 +161,12 @@ void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
   const RowConstants<float> consts(a.temperature, a.scale);
   const float inv_t = consts.inv_t, t_scale = consts.t_scale, t_squared = consts.t_squared;
   const int64_t grain = std::max<int64_t>(1, 16384 / a.cols);
+  const int64_t stretches = (a.cols + kStatsStretch - 1) / kStatsStretch;
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    // Without a teacher gradient the sum sweep keeps its exps (2·C floats a thread, in L2) and
+    // the gradient sweep only scales them: 2 exps per element instead of 4.
+    std::vector<float> kept(gt ? 0 : 2 * a.cols);
+    std::vector<RowStats> stretch(stretches);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t off = r * a.cols;
       T* row_gt = gt ? gt + off : nullptr;
@@ -142,13 +178,25 @@ void kd_forward_rows(const KdArgs& a, const T* s, const T* t, T* gs, T* gt) {
       // Long rows go by stretches that stay in L1 while their max and sum sweeps run; the
       // stretches' statistics merge exactly as the GPU's threads do.
       RowStats st = row_stats_empty();
-      for (int64_t c = 0; c < a.cols; c += kStatsStretch) {
-        st = row_stats_merge(st, chunk_stats(s + off + c, t + off + c,
-                                             std::min(kStatsStretch, a.cols - c), inv_t));
+      for (int64_t k = 0; k < stretches; ++k) {
+        const int64_t c = k * kStatsStretch;
+        stretch[k] = chunk_stats(s + off + c, t + off + c, std::min(kStatsStretch, a.cols - c),
+                                 inv_t, gt ? nullptr : kept.data() + c,
+                                 gt ? nullptr : kept.data() + a.cols + c);
+        st = row_stats_merge(st, stretch[k]);
       }
       const RowResult res = row_result(st);
       a.loss_rows[r] = row_is_finite(res) ? t_squared * res.loss_over_t2 : NAN;
-      chunk_write(s + off, t + off, a.cols, inv_t, res, t_scale, gs + off, row_gt);
+      if (gt || !row_is_finite(res)) {
+        chunk_write(s + off, t + off, a.cols, inv_t, res, t_scale, gs + off, row_gt);
+        continue;
+      }
+      for (int64_t k = 0; k < stretches; ++k) {
+        const int64_t c = k * kStatsStretch;
+        chunk_write_kept(kept.data() + c, kept.data() + a.cols + c,
+                         std::min(kStatsStretch, a.cols - c), stretch[k], res, t_scale,
+                         gs + off + c);
+      }
     }
   });
 }
