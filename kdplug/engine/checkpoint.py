@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import IO, Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -22,14 +22,15 @@ __all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "load
 FORMAT = "kdplug-checkpoint-v1"
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path`` via temp file + fsync + os.replace (+ fsync of the folder)."""
+def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Write ``path`` through ``write(file)`` to a temp file, fsync it, os.replace it into place
+    and fsync the folder: a reader (or a resumed run) sees the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,20 +40,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: Path) -> None:
-    """The same, for a text file (report.json, config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """A text file (report.json, config), atomically."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _fsync_dir(folder: Path) -> None:
