@@ -23,7 +23,8 @@ from .registry import Registration  # noqa: E402
 # These need torch; they load on first use so that `import kdplug` (and `kdplug plugins`) stay
 # light. `from kdplug import distill` works as usual.
 _LAZY_EXPORTS = {"distill": "engine", "DistillConfig": "engine", "DistillResult": "engine",
-                 "PhaseResult": "engine", "ModelOutput": "outputs", "DataSplits": "data"}
+                 "PhaseResult": "engine", "ModelOutput": "outputs", "DataSplits": "data",
+                 "cache_teacher": "cache", "CacheResult": "cache", "TeacherCache": "cache"}
 
 
 def __getattr__(name):  # PEP 562

@@ -106,6 +106,12 @@ _OPTION_TABLE_FLAGS = (("teacher_option", "teacher_options"), ("student_option",
 @click.option("--teacher-epochs", type=int, help="Teacher epochs on the labels (default: --epochs).")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
               help="Load the teacher from this checkpoint instead of training it.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False),
+              help="Learn from the teacher outputs cached in this folder by `kdplug "
+                   "cache-teacher` (checked against this run; no teacher phase).")
+@click.option("--teacher-cache-verify", type=click.Choice(["full", "lazy", "size"]),
+              help="Cache checksums: all before training (full, default), each chunk on first "
+                   "read (lazy), or file sizes only (size).")
 @click.option("--baseline/--no-baseline", default=None,
               help="Also train the student from scratch (same budget and seed).")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -161,6 +167,66 @@ def distill(config_file: Any, as_json: bool, **options: Any) -> None:
         else:
             click.echo(result.table())
             click.echo(f"outputs: {result.out}")
+
+
+@cli.command("cache-teacher")
+@click.option("--teacher", required=True, help="Teacher name (or hf:PATH; `kdplug plugins`).")
+@click.option("--data", required=True, help="Data provider name (its training split is cached).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False),
+              help="The teacher's weights, e.g. checkpoints/teacher.pt of a `kdplug distill` run.")
+@click.option("--teacher-option", multiple=True, metavar="KEY=VALUE",
+              help="Teacher factory option (repeatable).")
+@click.option("--data-option", multiple=True, metavar="KEY=VALUE",
+              help="Data provider option (repeatable); use the same ones with `kdplug distill`.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage of dense logits (or top-k log-probabilities).")
+@click.option("--top-k", type=int, default=None,
+              help="Keep the K largest classes per row (indices + log-probabilities): for large "
+                   "vocabularies and token sequences. Default: dense logits.")
+@click.option("--chunk-size", type=int, default=1024, show_default=True,
+              help="Samples per chunk (the unit of writing, checksumming and --resume).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Teacher batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none",
+              show_default=True, help="Run the teacher under autocast.")
+@click.option("--resume", is_flag=True,
+              help="Continue (or repair) the cache in --out: verified chunks are kept.")
+@click.option("--overwrite", is_flag=True, help="Delete the cache in --out first.")
+@click.option("--allow-random-transforms", is_flag=True,
+              help="The training transform is random: cache --views augmented views per sample "
+                   "(replayed exactly by `kdplug distill --teacher-cache` with the same --seed).")
+@click.option("--views", type=int, default=1, show_default=True,
+              help="Augmented views per sample (with --allow-random-transforms).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the augmented views (and of a teacher built from its name).")
+@click.option("--no-evaluate", is_flag=True,
+              help="Skip measuring the teacher on the test split (kept in the manifest).")
+@click.option("--num-workers", type=int, default=0, show_default=True,
+              help="DataLoader workers.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest instead of a summary.")
+def cache_teacher(teacher: str, data: str, out: str, teacher_option: Any, data_option: Any,
+                  no_evaluate: bool, as_json: bool, **options: Any) -> None:
+    """Run a teacher once over a data set's training split and cache its outputs in --out.
+
+    Dense logits or top-k (indices + log-probabilities), in chunks with checksums, finished by an
+    atomic manifest; `kdplug distill --teacher-cache DIR` then trains students without running
+    the teacher. Runs under `torchrun` as it is (each process writes its shard).
+    """
+    import os
+
+    from .cache.writer import cache_teacher as run_cache_teacher
+    from .engine.config import parse_options
+
+    result = run_cache_teacher(
+        teacher, data, out,
+        teacher_options=parse_options(teacher_option, "--teacher-option"),
+        data_options=parse_options(data_option, "--data-option"),
+        evaluate_teacher=not no_evaluate, **options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps(result.manifest, indent=2) if as_json else result.summary())
 
 
 def show_plugins(as_json: bool) -> None:

@@ -14,6 +14,11 @@ loss that needs intermediate outputs sets ``requires = {"hidden_states"}`` and/o
 ``{"attentions"}``; the engine then asks the models for them.
 
 Every factory takes the engine's ``temperature=`` and ``alpha=`` (and ignores what it does not use).
+
+``kd`` and ``kd+ce`` also take a top-k teacher (from a top-k teacher cache:
+``teacher_out.extras["topk"] = (indices, logprobs)``) through :func:`kdplug.ops.kd_kl_div_topk`;
+their option ``rest`` ("renormalize" or "bucket") says how the teacher's mass outside its top k is
+treated there.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdplug
+from kdplug.cache.targets import teacher_topk
 from kdplug.outputs import as_model_output
 
 IGNORE_INDEX = -100
@@ -106,17 +112,20 @@ class CrossEntropyLoss(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """Soft targets only: T²·KL(softmax(t/T) ‖ softmax(s/T)) through kdplug.ops.kd_kl_div."""
+    """Soft targets only: T²·KL(softmax(t/T) ‖ softmax(s/T)) through kdplug.ops.kd_kl_div (or
+    kd_kl_div_topk for a top-k teacher, with ``rest`` "renormalize" or "bucket")."""
 
     requires: frozenset = frozenset()
     uses_teacher = True
+    supports_topk_teacher = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, *, backend: str = "auto",
-                 **options: Any) -> None:
+                 rest: str = "renormalize", **options: Any) -> None:
         super().__init__()
         _no_options("kd", options)
         self.temperature = check_temperature(temperature)
         self.backend = backend
+        self.rest = _check_rest(rest)
 
     def soft(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              batch: Dict[str, Any]) -> torch.Tensor:
@@ -127,8 +136,21 @@ class KDLoss(nn.Module):
         return kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
                          mask=token_mask(student_logits, batch), backend=self.backend)
 
+    def soft_target(self, student_logits: torch.Tensor, teacher_out: Any,
+                    batch: Dict[str, Any]) -> torch.Tensor:
+        """The soft term against a teacher output: dense logits, or a top-k teacher."""
+        topk = teacher_topk(teacher_out)
+        if topk is None:
+            return self.soft(student_logits, _logits(teacher_out), batch)
+        from kdplug.ops import kd_kl_div_topk
+
+        indices, logprobs = topk
+        return kd_kl_div_topk(student_logits, indices, logprobs.detach(), self.temperature,
+                              mask=token_mask(student_logits, batch), rest=self.rest,
+                              backend=self.backend)
+
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
-        return self.soft(_logits(student_out), _logits(teacher_out), batch)
+        return self.soft_target(_logits(student_out), teacher_out, batch)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}"
@@ -138,16 +160,16 @@ class KDCrossEntropyLoss(KDLoss):
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y): Hinton et al. (2015)."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, *, backend: str = "auto",
-                 **options: Any) -> None:
+                 rest: str = "renormalize", **options: Any) -> None:
         _no_options("kd+ce", options)
-        super().__init__(temperature, backend=backend)
+        super().__init__(temperature, backend=backend, rest=rest)
         self.alpha = check_alpha(alpha)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
         student_logits = _logits(student_out)
         loss = None
         if self.alpha > 0:
-            loss = self.alpha * self.soft(student_logits, _logits(teacher_out), batch)
+            loss = self.alpha * self.soft_target(student_logits, teacher_out, batch)
         if self.alpha < 1:
             hard = (1.0 - self.alpha) * cross_entropy(student_logits, batch["labels"])
             loss = hard if loss is None else loss + hard
@@ -161,7 +183,15 @@ def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
         raise kdplug.KdplugError(
             f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
-            f"its options are temperature, alpha and backend")
+            f"its options are temperature, alpha, backend and rest")
+
+
+def _check_rest(rest: Any) -> str:
+    if rest not in ("renormalize", "bucket"):
+        raise kdplug.KdplugError(
+            f"rest must be 'renormalize' or 'bucket', got {rest!r} (how a top-k teacher's mass "
+            "outside its k classes is treated; see kdplug.ops.kd_kl_div_topk)")
+    return rest
 
 
 @kdplug.hookimpl

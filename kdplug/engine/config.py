@@ -41,8 +41,9 @@ OPTION_TABLES = ("teacher_options", "student_options", "data_options", "loss_opt
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
     "out", "resume", "overwrite", "device", "quiet", "num_workers", "threads", "checkpoint_every",
-    "eval_batch_size", "baseline",
+    "eval_batch_size", "baseline", "teacher_cache_verify",
 })
+CACHE_VERIFY_MODES = ("full", "lazy", "size")
 
 
 class ConfigError(KdplugError):
@@ -71,6 +72,11 @@ class DistillConfig:
     device: auto | cpu | cuda | cuda:N; amp: none | bf16 | fp16 (fp16: CUDA only, with a scaler).
     checkpoint_every: also checkpoint every N steps (0: at the end of each epoch only).
     threads: torch's intra-op CPU threads for the run (default: torch's own choice).
+    teacher_cache: a folder written by ``kdplug cache-teacher``: the student learns from the
+        teacher's cached outputs (no teacher phase, no teacher forward), after the cache is
+        checked against this run (teacher, data, sample order, transform, format, checksums).
+    teacher_cache_verify: full (every chunk's checksum before training) | lazy (each chunk's
+        checksum when first read) | size (file sizes only).
     """
 
     teacher: Optional[str] = None
@@ -103,6 +109,8 @@ class DistillConfig:
     threads: Optional[int] = None
     checkpoint_every: int = 0
     quiet: bool = False
+    teacher_cache: Optional[str] = None
+    teacher_cache_verify: str = "full"
     teacher_options: Dict[str, Any] = field(default_factory=dict)
     student_options: Dict[str, Any] = field(default_factory=dict)
     data_options: Dict[str, Any] = field(default_factory=dict)
@@ -136,7 +144,7 @@ class DistillConfig:
             return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
                                f"got {getattr(self, key)!r}")
 
-        for key in ("teacher", "student", "data", "teacher_checkpoint", "out"):
+        for key in ("teacher", "student", "data", "teacher_checkpoint", "out", "teacher_cache"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise bad(key, "a string")
@@ -174,7 +182,7 @@ class DistillConfig:
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
         for key, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
-                             ("amp", AMP_MODES)):
+                             ("amp", AMP_MODES), ("teacher_cache_verify", CACHE_VERIFY_MODES)):
             if getattr(self, key) not in choices:
                 raise bad(key, "one of " + ", ".join(choices))
         if not isinstance(self.device, str) or not (

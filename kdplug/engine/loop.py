@@ -19,9 +19,10 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..cache.targets import cached_teacher_output
 from ..errors import KdplugError
 from ..outputs import ModelOutput
-from .batching import EpochSampler, SeededDataset, batches, call_model, requirements
+from .batching import EpochSampler, batches, call_model, requirements
 from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_everything,
                          set_rng_state)
 from .config import DistillConfig
@@ -106,7 +107,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss: Callable, *, cfg: DistillConfig, env: DistEnv,
                  lr: float, total_steps: int, teacher: Optional[nn.Module] = None,
-                 phase: str = "student") -> None:
+                 phase: str = "student", cached_teacher: bool = False) -> None:
         self.cfg, self.env, self.phase = cfg, env, phase
         self.requires = requirements(loss)
         self.model = model.to(env.device)
@@ -116,6 +117,8 @@ class Trainer:
         # A loss may declare that it never reads the teacher's output (``uses_teacher = False``,
         # like "ce"): the teacher's forward is then skipped.
         self.teacher = teacher if getattr(loss, "uses_teacher", True) else None
+        # With a teacher cache the batches carry the teacher's outputs (kdplug.cache.targets).
+        self.cached_teacher = cached_teacher and getattr(loss, "uses_teacher", True)
         if self.teacher is not None:
             teacher.to(env.device)
             freeze_teacher(teacher)
@@ -145,6 +148,11 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad(), self.autocast():
                 teacher_out = call_model(self.teacher, batch, self.requires)
+        elif self.cached_teacher:
+            teacher_out = cached_teacher_output(batch)
+            if teacher_out is None:
+                raise KdplugError(f"phase {self.phase!r} {where}: the batch holds no cached "
+                                  "teacher outputs (a teacher cache run needs its loader)")
         with self.autocast():
             loss = self.forward(batch, teacher_out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -281,7 +289,7 @@ class PhaseRun:
                 if skip == 0:
                     loss_sum, loss_steps = 0.0, 0
                 sampler.set_epoch(epoch, skip)
-                if isinstance(self.train_dataset, SeededDataset):
+                if hasattr(self.train_dataset, "set_epoch"):  # SeededDataset, cache views
                     self.train_dataset.set_epoch(epoch)
                 trainer.model.train()
                 if trainer.teacher is not None:

@@ -88,10 +88,13 @@ def format_table(report: Mapping[str, Any]) -> str:
         entry: Optional[Mapping[str, Any]] = report.get(phase)
         if not entry:
             continue
+        accuracy, loss = entry.get("accuracy"), entry.get("loss")  # None: not available
         row = [PHASE_LABELS[phase], str(entry["name"]), f"{entry['params']:,}",
-               f"{100 * entry['accuracy']:.2f}%", f"{entry['loss']:.4f}"]
+               "n/a" if accuracy is None else f"{100 * accuracy:.2f}%",
+               "n/a" if loss is None else f"{loss:.4f}"]
         if task == "lm":
-            row.append(f"{entry.get('perplexity', float('nan')):.3f}")
+            ppl = entry.get("perplexity")
+            row.append("n/a" if ppl is None else f"{ppl:.3f}")
         ms = entry.get("inference_ms_per_batch")
         row.append("-" if ms is None else f"{ms:.2f}")
         rows.append(row)

@@ -57,8 +57,8 @@ class PhaseResult:
     phase: str  # "teacher", "student" (distilled) or "scratch"
     name: str
     params: int
-    accuracy: float
-    loss: float
+    accuracy: Optional[float]  # None: not available (a teacher cache without its evaluation)
+    loss: Optional[float]
     metrics: Dict[str, Any]  # final test metrics (accuracy, loss; perplexity for "lm")
     inference_ms_per_batch: Optional[float]
     epochs: int  # epochs trained (0: loaded or used as built)
@@ -135,7 +135,8 @@ def distill(teacher: Any = None, student: Any = None, data: Any = None, loss: An
             objects[kind] = value
             names[kind] = _display_name(value)
     cfg = resolve_config(config, **names, **options)
-    missing = [k for k in ("teacher", "student", "data") if getattr(cfg, k) is None]
+    missing = [k for k in ("teacher", "student", "data") if getattr(cfg, k) is None
+               and not (k == "teacher" and cfg.teacher_cache)]  # a cache stands for the teacher
     if missing:
         raise ConfigError(f"distill needs a teacher, a student and data; missing: "
                           f"{', '.join(missing)} (names: `kdplug plugins` lists them)")
@@ -175,15 +176,17 @@ class _Run:
         registrations = {kind: get_registration(reg_kind, getattr(cfg, kind))
                          for kind, reg_kind in (("teacher", "teacher"), ("student", "student"),
                                                 ("data", "dataset"), ("loss", "loss"))
-                         if kind not in self.objects}
+                         if kind not in self.objects and getattr(cfg, kind) is not None}
         self.out = self._prepare_out()
         seed_everything(cfg.seed)
         splits = self._data(registrations.get("data"))
         self.splits = splits
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(cfg.seed, SEED_TEACHER_INIT))
-            teacher = self._model("teacher", registrations.get("teacher"), splits,
-                                  cfg.teacher_options)
+            teacher = None
+            if self._teacher_needed():
+                teacher = self._model("teacher", registrations.get("teacher"), splits,
+                                      cfg.teacher_options)
             torch.manual_seed(mix_seed(cfg.seed, SEED_STUDENT_INIT))
             student = self._model("student", registrations.get("student"), splits,
                                   cfg.student_options)
@@ -194,15 +197,25 @@ class _Run:
             if isinstance(module, nn.Module):
                 module.to(device)
         self.collate = splits.collate_fn or collate
-        self._dry_run(teacher, student, loss, splits)
-        if cfg.teacher_checkpoint:
+        self.cache = None
+        if cfg.teacher_cache:  # checked against this run; the teacher's checkpoint is loaded
+            from ..cache.integration import DryRunTeacher, open_for_run
+
+            self.cache = open_for_run(self, teacher, registrations.get("teacher"), splits, loss)
+            teacher = None  # built only to hash its weights: free its memory
+            self._dry_run(DryRunTeacher(self.cache), student, loss, splits)
+        else:
+            self._dry_run(teacher, student, loss, splits)
+        if cfg.teacher_checkpoint and self.cache is None:
             load_model_weights(teacher, Path(cfg.teacher_checkpoint), f"teacher {cfg.teacher!r}")
         if env.is_main:
             reporting.write_config(self.out, cfg.to_dict() | {"out": str(self.out)})
         self._loaders(splits)
 
         # ------------------------------------------------------------------ phases
-        if cfg.teacher_checkpoint:
+        if self.cache is not None:
+            teacher_result = self._cached_teacher()
+        elif cfg.teacher_checkpoint:
             self.log(f"teacher: loaded from {cfg.teacher_checkpoint}")
             teacher_result = self._untrained("teacher", teacher,
                                              f"checkpoint {cfg.teacher_checkpoint}")
@@ -219,6 +232,30 @@ class _Run:
             scratch_result = self._phase("scratch", scratch, CrossEntropyLoss(), None, cfg.epochs,
                                          cfg.lr, SEED_STUDENT_PHASE)
         return self._finish(teacher_result, student_result, scratch_result)
+
+    def _teacher_needed(self) -> bool:
+        """Without a cache always; with one only to hash the weights the run names."""
+        cfg = self.cfg
+        if not cfg.teacher_cache or "teacher" in self.objects:
+            return True
+        if cfg.teacher_checkpoint and cfg.teacher is None:
+            raise ConfigError("teacher_checkpoint with teacher_cache needs the teacher's name too "
+                              "(--teacher NAME): its weights are hashed and compared with the "
+                              "cache's")
+        return bool(cfg.teacher_checkpoint)
+
+    def _cached_teacher(self) -> PhaseResult:
+        """The cache is the teacher: its numbers come from the manifest (None if not recorded)."""
+        from ..cache.integration import teacher_phase_result
+
+        info = teacher_phase_result(self.cache)
+        self.log(f"teacher: from the cache {self.cache.path} ({self.cache.kind}"
+                 + (f" top-{self.cache.k}" if self.cache.kind == "topk" else "")
+                 + f", {self.cache.dtype}); no teacher phase")
+        return PhaseResult(phase="teacher", name=self.cfg.teacher or info["name"],
+                           params=info["params"], accuracy=info["accuracy"], loss=info["loss"],
+                           metrics=info["metrics"], inference_ms_per_batch=None, epochs=0,
+                           source=info["source"], train_time_s=0.0, model=None)
 
     def _prepare_out(self) -> Path:
         cfg, env = self.cfg, self.env
@@ -334,6 +371,7 @@ class _Run:
                 int(labels.min()) < 0 or int(labels.max()) >= classes):
             raise KdplugError(f"{about}: labels must lie in 0..{classes - 1}")
         outs: Dict[str, ModelOutput] = {}
+        vocabularies: Dict[str, int] = {}  # lm: each model's logits width, for one clear error
         autocast = autocast_factory(cfg.amp, self.env.device)
         for role, model in (("teacher", teacher), ("student", student)):
             name = getattr(cfg, role)
@@ -349,7 +387,11 @@ class _Run:
             finally:
                 model.train(was_training)
             shape = tuple(out.logits.shape)
-            if shape != tuple(expected):
+            vocabularies[role] = shape[-1] if shape else 0
+            if (splits.task == "lm" and shape != tuple(expected)
+                    and shape[:-1] == tuple(expected[:-1])):
+                pass  # a vocabulary mismatch: reported below with both models' sizes
+            elif shape != tuple(expected):
                 raise KdplugError(
                     f"the {role} {name!r} and {where} disagree: the {role} gives logits "
                     f"{list(shape)} for two samples, the data needs {list(expected)} "
@@ -360,6 +402,13 @@ class _Run:
                     raise KdplugError(f"the loss {cfg.loss!r} requires {need}, but the {role} "
                                       f"{name!r} returned none with output_{need}=True")
             outs[role] = out
+        if splits.task == "lm" and any(v != classes for v in vocabularies.values()):
+            raise KdplugError(
+                f"vocabulary mismatch: the teacher {cfg.teacher!r} predicts "
+                f"{vocabularies['teacher']} tokens, the student {cfg.student!r} "
+                f"{vocabularies['student']}, and {where} has a vocabulary of {classes}; "
+                "token-level distillation needs one vocabulary for all three. Check the models' "
+                f"vocab_size options or the data's tokenizer. The data: {about}")
         try:
             with torch.no_grad(), autocast():
                 value = loss(outs["student"], outs["teacher"], batch)
@@ -374,6 +423,13 @@ class _Run:
         cfg, env = self.cfg, self.env
         train = splits.train
         self.train_dataset = SeededDataset(train, cfg.seed) if needs_seeding(train) else train
+        train_collate = self.collate
+        if self.cache is not None:  # items carry their index; batches carry the cached targets
+            from ..cache.integration import CachedCollate, IndexedDataset
+
+            self.train_dataset = IndexedDataset(self.train_dataset, self.cache.views,
+                                                replay_views=not self.cache.deterministic)
+            train_collate = self.train_collate = CachedCollate(self.collate, self.cache)
         self.sampler = EpochSampler(len(train), cfg.batch_size, cfg.seed, env.rank,
                                     env.world_size)
         pin = env.device.type == "cuda"
@@ -381,7 +437,7 @@ class _Run:
         # RNG, so a resumed run's RNG stream is the uninterrupted run's.
         self.train_loader = DataLoader(
             self.train_dataset, batch_size=self.sampler.local_batch, sampler=self.sampler,
-            collate_fn=self.collate, num_workers=cfg.num_workers, pin_memory=pin,
+            collate_fn=train_collate, num_workers=cfg.num_workers, pin_memory=pin,
             generator=torch.Generator().manual_seed(cfg.seed))
         self.test_loader = DataLoader(
             splits.test, batch_size=cfg.eval_batch_size,
@@ -406,9 +462,13 @@ class _Run:
                 return self._result(phase, model, history, "trained", epochs, path)
             resume = ckpt
             self._add_records(ckpt["history"])
+        cached = self.cache is not None and phase == "student"
+        if self.cache is not None:  # only the distilled student reads the cached targets
+            self.train_collate.enabled = cached and getattr(loss, "uses_teacher", True)
+            teacher = None
         trainer = Trainer(model, loss, cfg=cfg, env=env, lr=lr,
                           total_steps=epochs * self.sampler.batches_per_epoch, teacher=teacher,
-                          phase=phase)
+                          phase=phase, cached_teacher=cached)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.train_loader, sampler=self.sampler,
             train_dataset=self.train_dataset, test_loader=self.test_loader, epochs=epochs,
@@ -467,8 +527,9 @@ class _Run:
                 "evaluation"), env.device)
             autocast = autocast_factory(cfg.amp, env.device)
             for r in results:
-                timings[r.phase] = round(measure_inference_ms(r.model, timing_batch,
-                                                              autocast=autocast), 4)
+                if r.model is not None:  # a cache's teacher has none: n/a
+                    timings[r.phase] = round(measure_inference_ms(r.model, timing_batch,
+                                                                  autocast=autocast), 4)
         timings = env.broadcast(timings)
         for r in results:
             r.inference_ms_per_batch = timings.get(r.phase)
@@ -487,6 +548,8 @@ class _Run:
             report[r.phase] = r.to_dict()
         report["distillation_gain"] = (None if scratch is None
                                        else student.accuracy - scratch.accuracy)
+        if self.cache is not None:
+            report["teacher_cache"] = self.cache.summary()
         report["config"] = cfg.to_dict() | {"out": str(self.out)}
         report["out"] = str(self.out)
         if env.is_main:
@@ -494,7 +557,7 @@ class _Run:
             reporting.write_metrics(self.out / "metrics.jsonl", self.records)
             if self.records:
                 reporting.plot_curves(self.out / "curves.png", self.records,
-                                      title=f"{cfg.teacher} → {cfg.student} on {cfg.data}")
+                                      title=f"{teacher.name} → {cfg.student} on {cfg.data}")
         env.barrier()
         return DistillResult(teacher=teacher, student=student, scratch=scratch, config=cfg,
                              out=self.out, report=report)
