@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
+from .._atomic import atomic_write, fsync_dir, tmp_path
 from ..errors import KdplugError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "PLAN", "CHUNK_DIR", "DTYPES", "CacheError",
@@ -98,23 +99,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows: folders cannot be opened; os.replace is atomic there anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 class NpyWriter:
     """An .npy file written in place through a memory map (temp name), then fsync'ed and moved
     to its name; ``close()`` returns its record ``{"path", "bytes", "shape", "dtype", HASH}``."""
@@ -155,19 +139,7 @@ def write_npy(array: np.ndarray, path: Path, root: Path) -> Dict[str, Any]:
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n"), "w")
 
 
 def read_json(path: Path, what: str) -> Dict[str, Any]:

@@ -10,34 +10,17 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from .._atomic import atomic_write
 from ..errors import KdplugError
 
 __all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "load_model_weights",
            "FORMAT"]
 
 FORMAT = "kdplug-checkpoint-v1"
-
-
-def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
-    """Write ``path`` through ``write(file)`` to a temp file, fsync it, os.replace it into place
-    and fsync the folder: a reader (or a resumed run) sees the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -48,19 +31,6 @@ def atomic_save(obj: Any, path: Path) -> None:
 def atomic_write_text(text: str, path: Path) -> None:
     """A text file (report.json, config), atomically."""
     atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened; os.replace is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
