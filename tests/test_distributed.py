@@ -76,14 +76,16 @@ def run(args, site, timeout=240):
     return proc
 
 
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdplug"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, site):
     command = ["distill", "--teacher", "ddp-mlp-teacher", "--student", "ddp-mlp-student",
                "--data", "ddp-generated", "--epochs", "2", "--teacher-epochs", "2",
                "--batch-size", "32", "--lr", "0.01", "--baseline", "--device", "cpu", "--quiet"]
     one = run(["-m", "kdplug", *command, "--out", str(tmp_path / "one")], site)
-    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdplug",
-               *command, "--out", str(tmp_path / "two")], site)
+    two = run([*TORCHRUN, *command, "--out", str(tmp_path / "two")], site)
     assert one.stdout.count("student (distilled)") == 1
     assert two.stdout.count("student (distilled)") == 1  # only rank 0 prints
     single = json.loads((tmp_path / "one" / "report.json").read_text())
