@@ -7,9 +7,6 @@ it matches a one-process distillation from it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
