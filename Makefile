@@ -36,7 +36,7 @@ demo: setup
 	$(VENV)/bin/kdplug demo
 
 test: setup-full
-	$(PY) -m pytest
+	KDPLUG_REQUIRE_NATIVE=1 $(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/bench_kd_loss.py

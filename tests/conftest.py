@@ -12,6 +12,29 @@ import pytest
 from kdplug.plugins import DISABLE_ENV, LOAD_ENV, reset_plugin_manager
 
 
+def pytest_sessionstart(session):
+    """Under `make test` (KDPLUG_REQUIRE_NATIVE=1) a failed or skipped native build stops the run,
+    instead of leaving the native-op tests to skip."""
+    if os.environ.get("KDPLUG_REQUIRE_NATIVE") != "1":
+        return
+    import shutil
+
+    import torch
+
+    from kdplug import _ext
+
+    status = _ext.native_status()
+    missing = [] if status.source == "prebuilt" else [f"kdplug._C ({status.reason})"]
+    devices = ["CPU"] + (["CUDA"] if shutil.which("nvcc") and not os.environ.get("KDPLUG_NO_CUDA")
+                         else [])
+    for op in ("kd_kl_fwd", "kd_kl_topk_fwd"):
+        missing += [f"kdplug::{op} for {key}" for key in devices
+                    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kdplug::{op}", key)]
+    if missing:
+        pytest.exit("KDPLUG_REQUIRE_NATIVE=1 but the native build is missing: "
+                    + "; ".join(missing), returncode=1)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run many times faster on one thread than on two of a busy 2-core machine.

@@ -32,3 +32,4 @@ def test_doctor_reports_forced_fallback():
     assert status["backend"] == "torch" and status["native_source"] == "forced-off"
     assert "KDPLUG_FORCE_TORCH=1 forces" in status["reason"]
     assert "KDPLUG_FORCE_TORCH=1" in doctor(KDPLUG_FORCE_TORCH="1")
+
