@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..api import get_registration
 from ..data import DataSplits
-from ..engine.batching import ShardSampler, call_model, check_batch, collate, mix_seed, to_device
+from ..engine.batching import (ShardSampler, call_model, check_batch, collate, mix_seed,
+                               probe_batch, to_device)
 from ..engine.checkpoint import load_model_weights
 from ..engine.distributed import DistEnv, setup
 from ..engine.evaluate import evaluate
@@ -373,15 +374,8 @@ class _Writer:
                            "started": datetime.datetime.now().isoformat(timespec="seconds")}}
 
     def _probe_forward(self) -> torch.Tensor:
-        items = [self.splits.train[i] for i in range(min(2, len(self.splits.train)))]
-        try:
-            batch = check_batch(self.collate(items), f"data {self.data_name!r}")
-        except KdplugError:
-            raise
-        except Exception as exc:
-            raise KdplugError(f"data {self.data_name!r}: collating two training items failed: "
-                              f"{type(exc).__name__}: {exc}") from None
-        batch = to_device(batch, self.env.device)
+        batch = probe_batch(self.splits.train, self.collate, f"data {self.data_name!r}",
+                            self.env.device)
         try:
             with torch.no_grad(), self.autocast():
                 return call_model(self.model, batch).logits

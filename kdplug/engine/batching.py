@@ -177,6 +177,21 @@ def first_items(dataset: Dataset, count: int) -> List[Any]:
     return [dataset[i] for i in range(min(count, len(dataset)))]  # type: ignore[arg-type]
 
 
+def probe_batch(dataset: Dataset, collate_fn: Callable[[List[Any]], Any], where: str,
+                device: torch.device) -> Dict[str, Any]:
+    """The first two training items as a checked batch on ``device``, for the forward that checks
+    models against the data before any work; a collate failure is named, not a traceback."""
+    items = first_items(dataset, 2)
+    try:
+        batch = check_batch(collate_fn(items), where)
+    except KdplugError:
+        raise
+    except Exception as exc:
+        raise KdplugError(f"{where}: collating two training items failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return to_device(batch, device)
+
+
 def batches(loader: Iterable[Any], device: torch.device, where: str) -> Iterator[Dict[str, Any]]:
     for batch in loader:
         yield to_device(check_batch(batch, where), device)

@@ -37,7 +37,7 @@ from ..losses import CrossEntropyLoss
 from ..outputs import ModelOutput
 from . import report as reporting
 from .batching import (EpochSampler, SeededDataset, ShardSampler, call_model, check_batch,
-                       collate, first_items, mix_seed, needs_seeding, requirements, to_device)
+                       collate, mix_seed, needs_seeding, probe_batch, requirements, to_device)
 from .checkpoint import load_checkpoint, load_model_weights, seed_everything
 from .config import ConfigError, DistillConfig, resolve_config
 from .distributed import DistEnv, setup
@@ -349,16 +349,8 @@ class _Run:
                  splits: DataSplits) -> None:
         """One forward of each model on two training samples, and the loss on them."""
         cfg = self.cfg
-        items = first_items(splits.train, 2)
         where = f"data {cfg.data!r}"
-        try:
-            batch = check_batch(self.collate(items), where)
-        except KdplugError:
-            raise
-        except Exception as exc:
-            raise KdplugError(f"{where}: collating two training items failed: "
-                              f"{type(exc).__name__}: {exc}") from None
-        batch = to_device(batch, self.env.device)
+        batch = probe_batch(splits.train, self.collate, where, self.env.device)
         inputs, labels = batch["inputs"], batch["labels"]
         classes = splits.num_classes
         expected = (*labels.shape, classes) if splits.task == "lm" else (labels.shape[0], classes)
