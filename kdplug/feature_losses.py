@@ -46,7 +46,8 @@ from kdplug.outputs import as_model_output
 LayerMap = Union[str, Sequence[Tuple[int, int]], Dict[int, int]]
 
 __all__ = ["FeatureDistillLoss", "HiddenStateLoss", "AttentionKLLoss", "parse_layer_map",
-           "resolve_layer_map", "register_losses"]
+           "resolve_layer_map", "create_base_loss", "hold_base_loss", "check_logits_match",
+           "register_losses"]
 
 
 # ----------------------------------------------------------------------------- layer maps
@@ -348,6 +349,28 @@ class AttentionKLLoss(nn.Module):
 
 # ----------------------------------------------------------------------------- the composite
 
+def create_base_loss(base: Optional[str], temperature: float, alpha: float,
+                     options: Dict[str, Any]) -> Any:
+    """The logit loss a composite adds its terms to: ``kdplug.create_loss(base, ...)`` with the
+    same temperature/alpha and the options the composite does not know; None for base "none"."""
+    if base in (None, "", "none"):
+        if options:
+            raise kdplug.KdplugError(f"unknown loss option(s) {', '.join(sorted(options))} "
+                                     "(no base loss to hand them to)")
+        return None
+    return kdplug.create_loss(base, temperature=temperature, alpha=alpha, **options)
+
+
+def hold_base_loss(owner: nn.Module, base_loss: Any) -> None:
+    """Keep the base loss as a submodule (its parameters and state train and save with the
+    owner) or, for a plain callable, as an attribute; ``owner.base_loss`` reads either."""
+    if isinstance(base_loss, nn.Module):
+        owner.base = base_loss
+    else:
+        owner.base = None
+        owner._base_fn = base_loss
+
+
 class FeatureDistillLoss(nn.Module):
     """``base`` logit loss + hidden_weight × HiddenStateLoss + attention_weight × AttentionKLLoss.
 
@@ -374,23 +397,12 @@ class FeatureDistillLoss(nn.Module):
         for name, w in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
             if not w >= 0:
                 raise kdplug.KdplugError(f"{name} must be >= 0, got {w}")
-        if base in (None, "", "none"):
-            if base_options:
-                raise kdplug.KdplugError(f"unknown loss option(s) "
-                                         f"{', '.join(sorted(base_options))} (no base loss)")
-            base_loss = None
-        else:
-            base_loss = kdplug.create_loss(base, temperature=temperature, alpha=alpha,
-                                           **base_options)
+        base_loss = create_base_loss(base, temperature, alpha, base_options)
         if base_loss is None and hidden_weight == 0 and attention_weight == 0:
             raise kdplug.KdplugError("this loss has no term: give a base loss, hidden_weight > 0 "
                                      "or attention_weight > 0")
         self.base_name = None if base_loss is None else base
-        if isinstance(base_loss, nn.Module):
-            self.base = base_loss
-        else:
-            self.base = None
-            self._base_fn = base_loss
+        hold_base_loss(self, base_loss)
         self.hidden_weight = hidden_weight
         self.attention_weight = attention_weight
         self.hidden = HiddenStateLoss(layer_map, projection) if hidden_weight > 0 else None
