@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdplug
+from kdplug.feature_source import FeatureSource
 from kdplug.outputs import as_model_output
 
 LayerMap = Union[str, Sequence[Tuple[int, int]], Dict[int, int]]
@@ -122,16 +123,6 @@ def uniform_attention_map(n_student: int, n_teacher: int) -> List[Tuple[int, int
     return [(i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
 
 
-def _features(out: Any, attribute: str, side: str) -> Tuple[torch.Tensor, ...]:
-    value = getattr(as_model_output(out), attribute)
-    if not value:
-        flag = "output_hidden_states" if attribute == "hidden_states" else "output_attentions"
-        raise kdplug.KdplugError(
-            f"the {side} returned no {attribute}; this loss needs models that return them when "
-            f"called with {flag}=True (as ModelOutput.{attribute})")
-    return tuple(value)
-
-
 def _token_mask(batch: Any, shape: Tuple[int, int], device, *outs: Any) -> Optional[torch.Tensor]:
     """The bool [B, L] mask of real tokens for features of ``shape``: the batch's attention_mask,
     or one a model re-tokenized with (``ModelOutput.extras["attention_mask"]``); None if no mask
@@ -156,10 +147,14 @@ class HiddenStateLoss(nn.Module):
 
     projection: "auto" (as above), "linear" (a Linear over the feature axis for every rank: the
     same map as the 1×1 conv) or "none" (widths must match).
+    source: where the features come from (default: the models' hidden_states; a FeatureSource
+    with module paths takes them with forward hooks instead).
     """
 
-    def __init__(self, layer_map: LayerMap = "uniform", projection: str = "auto") -> None:
+    def __init__(self, layer_map: LayerMap = "uniform", projection: str = "auto",
+                 source: Optional[FeatureSource] = None) -> None:
         super().__init__()
+        self.feature_source = source or FeatureSource("hidden_states")
         if projection not in ("auto", "linear", "none"):
             raise kdplug.KdplugError(f"projection must be 'auto', 'linear' or 'none', "
                                      f"got {projection!r}")
@@ -218,8 +213,8 @@ class HiddenStateLoss(nn.Module):
         return proj(feat)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:
-        s_hidden = _features(student_out, "hidden_states", "student")
-        t_hidden = _features(teacher_out, "hidden_states", "teacher")
+        s_hidden = self.feature_source.get(student_out, "student")
+        t_hidden = self.feature_source.get(teacher_out, "teacher")
         if self.pairs is None or any(self._key(s, t) not in self.projections
                                      for s, t in self.pairs):
             created = self.build(s_hidden, t_hidden)
@@ -296,10 +291,14 @@ class AttentionKLLoss(nn.Module):
 
     layers: "last" (MiniLM: last to last, the default), "uniform" (student layer i to teacher
     layer (i+1)·T/S − 1) or explicit pairs "s:t,...".
+    source: the models' attentions by default, or a FeatureSource with module paths whose
+    captured tensors are attention probabilities (e.g. the input of an attention dropout).
     """
 
-    def __init__(self, layers: LayerMap = "last", heads: str = "auto", eps: float = 1e-12) -> None:
+    def __init__(self, layers: LayerMap = "last", heads: str = "auto", eps: float = 1e-12,
+                 source: Optional[FeatureSource] = None) -> None:
         super().__init__()
+        self.feature_source = source or FeatureSource("attentions")
         if heads not in ("auto", "mean"):
             raise kdplug.KdplugError(f"heads must be 'auto' or 'mean', got {heads!r}")
         self.layers = parse_layer_map(layers)
@@ -312,8 +311,8 @@ class AttentionKLLoss(nn.Module):
         return resolve_layer_map(self.layers, n_student, n_teacher, "attention maps")
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:
-        s_att = _features(student_out, "attentions", "student")
-        t_att = _features(teacher_out, "attentions", "teacher")
+        s_att = self.feature_source.get(student_out, "student")
+        t_att = self.feature_source.get(teacher_out, "teacher")
         pairs = self.pairs_for(len(s_att), len(t_att))
         total = None
         for s, t in pairs:
@@ -383,6 +382,11 @@ class FeatureDistillLoss(nn.Module):
         ("auto" | "linear" | "none").
       attention_weight, attention_layers ("last" | "uniform" | "s:t,..."), attention_heads
         ("auto" | "mean").
+      student_layers, teacher_layers: module paths (``"layer2,layer3"``, ``"features.6"``,
+        ``"input:fc"``) whose outputs forward hooks capture for the one active feature term,
+        instead of the models' hidden_states/attentions; the i-th student path pairs with the
+        i-th teacher path unless a layer map says otherwise. The models are attached with
+        ``kdplug.feature_source.attach_models`` (``kdplug.distill`` does it).
 
     After each call ``last_terms`` holds every term's value (a detached tensor), for logging.
     """
@@ -390,7 +394,8 @@ class FeatureDistillLoss(nn.Module):
     def __init__(self, base: Optional[str] = "kd+ce", *, temperature: float = 4.0,
                  alpha: float = 0.9, hidden_weight: float = 0.0, attention_weight: float = 0.0,
                  layer_map: LayerMap = "uniform", projection: str = "auto",
-                 attention_layers: LayerMap = "last", attention_heads: str = "auto",
+                 attention_layers: Optional[LayerMap] = None, attention_heads: str = "auto",
+                 student_layers: Any = None, teacher_layers: Any = None,
                  **base_options: Any) -> None:
         super().__init__()
         hidden_weight, attention_weight = float(hidden_weight), float(attention_weight)
@@ -405,14 +410,27 @@ class FeatureDistillLoss(nn.Module):
         hold_base_loss(self, base_loss)
         self.hidden_weight = hidden_weight
         self.attention_weight = attention_weight
-        self.hidden = HiddenStateLoss(layer_map, projection) if hidden_weight > 0 else None
-        self.attention = (AttentionKLLoss(attention_layers, attention_heads)
-                          if attention_weight > 0 else None)
+        by_path = student_layers is not None or teacher_layers is not None
+        if by_path and hidden_weight > 0 and attention_weight > 0:
+            raise kdplug.KdplugError(
+                "student_layers/teacher_layers feed one feature term, but both hidden_weight and "
+                "attention_weight are > 0; use module paths with one of them")
+        self.hidden = self.attention = None
+        if hidden_weight > 0:
+            self.hidden = HiddenStateLoss(layer_map, projection, FeatureSource(
+                "hidden_states", student_layers, teacher_layers))
+        if attention_weight > 0:
+            if attention_layers is None:  # MiniLM's last-to-last; paths given pair one to one
+                attention_layers = "uniform" if by_path else "last"
+            self.attention = AttentionKLLoss(attention_layers, attention_heads, source=FeatureSource(
+                "attentions", student_layers, teacher_layers))
+        if by_path and self.hidden is None and self.attention is None:
+            raise kdplug.KdplugError("student_layers/teacher_layers need a feature term: "
+                                     "hidden_weight > 0 or attention_weight > 0")
         requires = set(getattr(base_loss, "requires", ()) or ())
-        if self.hidden is not None:
-            requires.add("hidden_states")
-        if self.attention is not None:
-            requires.add("attentions")
+        for term in (self.hidden, self.attention):
+            if term is not None:
+                requires |= term.feature_source.requires
         self.requires = frozenset(requires)
         self.uses_teacher = True
         self.last_terms: Dict[str, torch.Tensor] = {}
@@ -432,11 +450,13 @@ class FeatureDistillLoss(nn.Module):
         if self.base_loss is not None:
             check_logits_match(student_out, teacher_out)
         if self.hidden is not None:
-            self.hidden.build(_features(student_out, "hidden_states", "student"),
-                              _features(teacher_out, "hidden_states", "teacher"))
+            source = self.hidden.feature_source
+            self.hidden.build(source.get(student_out, "student"),
+                              source.get(teacher_out, "teacher"))
         if self.attention is not None:
-            s_att = _features(student_out, "attentions", "student")
-            t_att = _features(teacher_out, "attentions", "teacher")
+            source = self.attention.feature_source
+            s_att = source.get(student_out, "student")
+            t_att = source.get(teacher_out, "teacher")
             self.attention.pairs_for(len(s_att), len(t_att))
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:

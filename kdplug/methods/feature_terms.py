@@ -1,22 +1,25 @@
 """Feature and relation methods: AT, SP (feature maps) and RKD, PKT (embeddings).
 
-Each term reads pairs of (student, teacher) features: the models' ``hidden_states`` (asked for
-with ``output_hidden_states=True``) matched by a layer map (``"uniform"``, ``"last"``,
-``"middle"`` or pairs ``"s:t,..."``, as for ``hint``). The teacher side is detached. The weights
+Each term reads pairs of (student, teacher) features: module paths ``student_layers`` /
+``teacher_layers`` captured with forward hooks (paired in order), or the models'
+``hidden_states`` (asked for with ``output_hidden_states=True``) matched by a layer map
+(``"uniform"``, ``"last"``, ``"middle"`` or pairs ``"s:t,..."``, as for ``hint``). The teacher
+side is detached. The weights
 default to the published CIFAR-100 recipes (CRD/RepDistiller, mdistiller), whose total loss is
 cross-entropy + weight × term; the formulas are the authors' code's, noted per term where the code
 and the paper's text differ.
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kdplug
-from kdplug.feature_losses import LayerMap, _features, parse_layer_map, resolve_layer_map
+from kdplug.feature_losses import LayerMap, parse_layer_map, resolve_layer_map
+from kdplug.feature_source import FeatureSource
 
 from .composite import check_weight
 
@@ -42,19 +45,32 @@ def pooled(feature: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 class _PairedTerm(nn.Module):
-    """weight × Σ over the mapped (student, teacher) feature pairs of ``pair_loss``."""
+    """weight × Σ over the mapped (student, teacher) feature pairs of ``pair_loss``.
 
-    option_names: Tuple[str, ...] = ("weight", "layer_map")
-    requires = frozenset({"hidden_states"})
+    Features: the models' hidden_states matched by ``layer_map`` (each method's default), or
+    module paths ``student_layers``/``teacher_layers`` captured by forward hooks, the i-th
+    student path with the i-th teacher path unless ``layer_map`` is given.
+    """
 
-    def __init__(self, weight: float, layer_map: LayerMap) -> None:
+    option_names: Tuple[str, ...] = ("weight", "layer_map", "student_layers", "teacher_layers")
+    default_layer_map: str = "uniform"
+
+    def __init__(self, weight: float, layer_map: Optional[LayerMap], student_layers: Any = None,
+                 teacher_layers: Any = None) -> None:
         super().__init__()
         self.weight = check_weight("weight", weight)
+        self.feature_source = FeatureSource("hidden_states", student_layers, teacher_layers)
+        if layer_map is None:
+            layer_map = "uniform" if self.feature_source.by_path else self.default_layer_map
         self.layer_map = parse_layer_map(layer_map)
 
+    @property
+    def requires(self) -> frozenset:
+        return self.feature_source.requires
+
     def pairs(self, student_out: Any, teacher_out: Any) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        s_feats = _features(student_out, "hidden_states", "student")
-        t_feats = _features(teacher_out, "hidden_states", "teacher")
+        s_feats = self.feature_source.get(student_out, "student")
+        t_feats = self.feature_source.get(teacher_out, "teacher")
         pairs = resolve_layer_map(self.layer_map, len(s_feats), len(t_feats))
         return [(s_feats[s], t_feats[t].detach()) for s, t in pairs]
 
@@ -92,11 +108,11 @@ class ATTerm(_PairedTerm):
     weight 1000, p 2, layer_map "uniform" (every stage to its counterpart).
     """
 
-    option_names = ("weight", "layer_map", "p")
+    option_names = _PairedTerm.option_names + ("p",)
 
-    def __init__(self, weight: float = 1000.0, layer_map: LayerMap = "uniform",
-                 p: float = 2.0) -> None:
-        super().__init__(weight, layer_map)
+    def __init__(self, weight: float = 1000.0, layer_map: Optional[LayerMap] = None,
+                 p: float = 2.0, **paths: Any) -> None:
+        super().__init__(weight, layer_map, **paths)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
             raise kdplug.KdplugError(f"AT's p must be a number > 0, got {p!r}")
         self.p = float(p)
@@ -122,8 +138,11 @@ class SPTerm(_PairedTerm):
     weight 3000, layer_map "last".
     """
 
-    def __init__(self, weight: float = 3000.0, layer_map: LayerMap = "last") -> None:
-        super().__init__(weight, layer_map)
+    default_layer_map = "last"
+
+    def __init__(self, weight: float = 3000.0, layer_map: Optional[LayerMap] = None,
+                 **paths: Any) -> None:
+        super().__init__(weight, layer_map, **paths)
 
     def pair_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = s.shape[0]
@@ -156,12 +175,13 @@ class RKDTerm(_PairedTerm):
     metric learning), layer_map "last", pool "avg" (the penultimate, pooled feature).
     """
 
-    option_names = ("weight", "layer_map", "distance_weight", "angle_weight", "pool")
+    option_names = _PairedTerm.option_names + ("distance_weight", "angle_weight", "pool")
+    default_layer_map = "last"
 
-    def __init__(self, weight: float = 1.0, layer_map: LayerMap = "last",
+    def __init__(self, weight: float = 1.0, layer_map: Optional[LayerMap] = None,
                  distance_weight: float = 25.0, angle_weight: float = 50.0,
-                 pool: str = "avg") -> None:
-        super().__init__(weight, layer_map)
+                 pool: str = "avg", **paths: Any) -> None:
+        super().__init__(weight, layer_map, **paths)
         self.distance_weight = check_weight("distance_weight", distance_weight)
         self.angle_weight = check_weight("angle_weight", angle_weight)
         self.pool = _check_pool(pool)
@@ -190,11 +210,12 @@ class PKTTerm(_PairedTerm):
     weight 30000, layer_map "last", pool "avg".
     """
 
-    option_names = ("weight", "layer_map", "pool")
+    option_names = _PairedTerm.option_names + ("pool",)
+    default_layer_map = "last"
 
-    def __init__(self, weight: float = 30000.0, layer_map: LayerMap = "last", pool: str = "avg",
-                 eps: float = 1e-7) -> None:
-        super().__init__(weight, layer_map)
+    def __init__(self, weight: float = 30000.0, layer_map: Optional[LayerMap] = None,
+                 pool: str = "avg", eps: float = 1e-7, **paths: Any) -> None:
+        super().__init__(weight, layer_map, **paths)
         self.pool = _check_pool(pool)
         self.eps = eps
 
