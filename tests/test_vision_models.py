@@ -217,3 +217,15 @@ def test_failed_cifar100_download_is_one_clear_message(tmp_path, monkeypatch):
     with pytest.raises(kdplug.KdplugError, match="CIFAR-100 not found.*downloading it failed: "
                                                  "OSError: Network is unreachable.*To get it"):
         kdplug.create_dataset("cifar100", root=str(tmp_path))
+
+
+def test_tiny_cnn_student_is_small_and_size_agnostic():
+    student = kdplug.create_student("cnn-tiny-student", in_channels=1, num_classes=10)
+    assert n_params(student) == 5226  # 16·9+16 + 32·16·9+32 + 2·(16+32) BN + 32·10+10
+    for size in (8, 16):
+        out = student(torch.randn(2, 1, size, size), output_hidden_states=True)
+        assert out.logits.shape == (2, 10)
+        assert [tuple(h.shape[1:]) for h in out.hidden_states] == [(16, size, size),
+                                                                   (32, size, size)]
+    with pytest.raises(kdplug.KdplugError, match=r"expects inputs \[B, 1, H, W\]"):
+        student(torch.randn(2, 3, 8, 8))

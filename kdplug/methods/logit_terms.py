@@ -165,8 +165,8 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class DISTTerm(nn.Module):
     """β·inter + γ·intra (DIST: relations, not exact probabilities, from a stronger teacher).
 
-    temperature: τ (kdplug's default 4, as on CIFAR-100; the paper uses 1 on ImageNet).
-    inter_weight: β (1.0); intra_weight: γ (1.0). Needs at least 2 counted rows for the
+    temperature: τ (the run's temperature, 4 by default; the paper's ImageNet setting is τ = 1).
+    inter_weight: β (1.0); intra_weight: γ (1.0), the paper's ImageNet values. Needs at least 2 counted rows for the
     intra-class term to mean anything (it correlates over the batch).
     """
 

@@ -1,6 +1,7 @@
 """Built-in kdplug plugin: image models and data.
 
-teachers/students  cnn-teacher, cnn-student (the CIFAR-10 sketch's pair); the CIFAR zoo of the
+teachers/students  cnn-teacher, cnn-student (the CIFAR-10 sketch's pair), cnn-tiny-student
+                   (a 5k-parameter student); the CIFAR zoo of the
                    distillation benchmarks (resnet20, resnet56, resnet8x4, resnet32x4, wrn_16_2,
                    wrn_40_2), each as teacher and student; torchvision:NAME (any torchvision
                    classifier)
@@ -30,6 +31,13 @@ def cnn_student(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] =
 
     return build(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
                  dropout=dropout)
+
+
+def cnn_tiny_student(*, in_channels: int = 3, num_classes: int = 10):
+    """The tiny student: conv 16, 32 (BatchNorm, ReLU), global average pool, fc."""
+    from .models import cnn_tiny_student as build
+
+    return build(in_channels=in_channels, num_classes=num_classes)
 
 
 def zoo_factory(name: str):
@@ -126,6 +134,9 @@ def register_teachers(register):
 def register_students(register):
     _register_models(register, "cnn-student", cnn_student,
                      "CNN: conv 16, 32 (BatchNorm, ReLU), fc 256 (CIFAR-10 sketch's student)")
+    register("cnn-tiny-student", cnn_tiny_student, options="in_channels, num_classes",
+             description="CNN: conv 16, 32 (BatchNorm, ReLU), global average pool, fc "
+                         "(5.2k parameters; the showcase's student)")
 
 
 @kdplug.hookimpl
