@@ -66,7 +66,11 @@ def doctor(as_json: bool) -> None:
     click.echo(f"  native op: {'available' if status['native_available'] else 'missing'} "
                f"({status['native_source']}): {status['reason']}")
     click.echo(f"  native kernels for: {', '.join(status['native_devices']) or 'none'}")
-    click.echo(f"  torch {status['torch_version']}, CPU capability {status['cpu_capability']}, "
+    cpu = status["native_cpu_capability"]
+    if cpu:
+        click.echo(f"  CPU kernels: {cpu['selected']} ({cpu['reason']}); built: "
+                   f"{', '.join(cpu['compiled'])}; this CPU supports: {', '.join(cpu['supported'])}")
+    click.echo(f"  torch {status['torch_version']}, ATen CPU capability {status['cpu_capability']}, "
                f"CUDA {'available' if status['cuda_available'] else 'not available'}")
     for name, value in status["env_overrides"].items():
         click.echo(f"  {name}={value}")
