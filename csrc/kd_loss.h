@@ -8,8 +8,9 @@
 #include <torch/library.h>
 
 #include "kd_math.h"
+#include "kd_namespace.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 
 // Losses are accumulated and returned in float32, or float64 for float64 inputs.
 inline at::ScalarType acc_dtype(const at::Tensor& student) {
@@ -100,4 +101,4 @@ inline at::Tensor reduce_loss_rows(const at::Tensor& loss_rows, int64_t reductio
   return loss_rows.sum() * row_scale;
 }
 
-}  // namespace kdplug
+KD_NAMESPACE_END

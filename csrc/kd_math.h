@@ -12,13 +12,15 @@
 
 #include <math.h>
 
+#include "kd_namespace.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KD_HD __host__ __device__ __forceinline__
 #else
 #define KD_HD inline
 #endif
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 
 // Reduction codes shared by the schema and the kernels.
 enum Reduction : int { kNone = 0, kSum = 1, kBatchMean = 2 };
@@ -252,4 +254,4 @@ KD_HD acc_t topk_q(acc_t x, const TopkRowT<acc_t>& r) {
   return kd_exp((x - r.max_x) - r.log_sum_x);
 }
 
-}  // namespace kdplug
+KD_NAMESPACE_END

@@ -13,8 +13,9 @@
 #include <mutex>
 
 #include "kd_math.h"
+#include "kd_namespace.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 
 // float32, float16, bfloat16 (float64 takes the portable path).
@@ -107,4 +108,4 @@ inline GradBufferCache& grad_buffer_cache() {
 }
 
 }  // namespace cpu
-}  // namespace kdplug
+KD_NAMESPACE_END

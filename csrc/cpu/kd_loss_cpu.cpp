@@ -14,9 +14,10 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/kernels.h"
 #include "kd_loss.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace {
 
 using namespace cpu;
@@ -337,9 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_fwd_cpu_impl(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
-  m.impl("kd_kl_fwd", &kd_kl_fwd_cpu_impl<false>);
-  m.impl("kd_kl_fwd_portable", &kd_kl_fwd_cpu_impl<true>);
-}
+KD_REGISTER_CPU_KERNEL(kd_kl_fwd_kernel, &kd_kl_fwd_cpu_impl<false>)
+KD_REGISTER_CPU_KERNEL(kd_kl_fwd_portable_kernel, &kd_kl_fwd_cpu_impl<true>)
 
-}  // namespace kdplug
+KD_NAMESPACE_END

@@ -9,9 +9,10 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/kernels.h"
 #include "kd_loss.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace {
 
 using namespace cpu;
@@ -142,6 +143,6 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_topk_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdplug, CPU, m) { m.impl("kd_kl_topk_fwd", &kd_kl_topk_fwd_cpu); }
+KD_REGISTER_CPU_KERNEL(kd_kl_topk_fwd_kernel, &kd_kl_topk_fwd_cpu)
 
-}  // namespace kdplug
+KD_NAMESPACE_END
