@@ -21,9 +21,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-import kdplug
-from kdplug.capture import FeatureCapture, Paths, parse_feature_paths
-from kdplug.outputs import as_model_output
+from .capture import FeatureCapture, Paths, parse_feature_paths
+from .errors import KdplugError
+from .outputs import as_model_output
 
 __all__ = ["FeatureSource", "attach_models", "detach_models", "feature_sources"]
 
@@ -37,7 +37,7 @@ class FeatureSource:
                  teacher_layers: Optional[Paths] = None) -> None:
         if (student_layers is None) != (teacher_layers is None):
             given = "student_layers" if student_layers is not None else "teacher_layers"
-            raise kdplug.KdplugError(
+            raise KdplugError(
                 f"{given} is given alone: features by module path need both student_layers and "
                 f"teacher_layers (e.g. student_layers='features.6' teacher_layers='layer3')")
         self.attribute = attribute
@@ -82,7 +82,7 @@ class FeatureSource:
         if self.by_path:
             capture = self._captures.get(side)
             if capture is None:
-                raise kdplug.KdplugError(
+                raise KdplugError(
                     f"this loss takes features by module path ({side}_layers="
                     f"{','.join(self.paths[side])!r}) but no {side} model is attached: call "
                     "kdplug.feature_source.attach_models(loss, student=..., teacher=...) before "
@@ -92,7 +92,7 @@ class FeatureSource:
         if not value:
             flag = "output_hidden_states" if self.attribute == "hidden_states" else \
                 "output_attentions"
-            raise kdplug.KdplugError(
+            raise KdplugError(
                 f"the {side} returned no {self.attribute}; this loss needs models that return "
                 f"them when called with {flag}=True (as ModelOutput.{self.attribute}), or module "
                 f"paths: student_layers=... teacher_layers=... (captured with forward hooks)")

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Tuple
 
-import kdplug
-
+from ..hookspecs import hookimpl
 from .composite import MethodLoss
 
 __all__ = ["MethodLoss", "METHODS", "register_losses"]
@@ -72,7 +71,7 @@ def method_factory(name: str) -> Callable[..., MethodLoss]:
     return factory
 
 
-@kdplug.hookimpl
+@hookimpl
 def register_losses(register):
     for name, (kind, _, description) in METHODS.items():
         register(name, method_factory(name), description=description, kind=kind,

@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-import kdplug
-from kdplug.feature_losses import create_base_loss, hold_base_loss
+from ..errors import KdplugError
+from ..feature_losses import create_base_loss, hold_base_loss
 
 __all__ = ["MethodLoss", "check_weight"]
 
@@ -16,7 +16,7 @@ def check_weight(name: str, value: Any) -> float:
     """A loss weight as a float; a clear error unless it is a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
             or value == float("inf"):
-        raise kdplug.KdplugError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise KdplugError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -38,8 +38,8 @@ class MethodLoss(nn.Module):
         super().__init__()
         try:
             base_loss = create_base_loss(base, temperature, alpha, base_options)
-        except kdplug.KdplugError as exc:
-            raise kdplug.KdplugError(
+        except KdplugError as exc:
+            raise KdplugError(
                 f"loss {method!r}: {exc} (options {method!r} does not know go to its base loss "
                 f"{base!r}; its own options: {', '.join(term.option_names)}, base, temperature, "
                 f"alpha)") from None
@@ -59,7 +59,7 @@ class MethodLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Tell the parts of this loss that follow the epoch (0-based) which one begins."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise kdplug.KdplugError(f"set_epoch takes the 0-based epoch, an int >= 0; got "
+            raise KdplugError(f"set_epoch takes the 0-based epoch, an int >= 0; got "
                                      f"{epoch!r}")
         for part in (self.base_loss, self.term):
             if hasattr(part, "set_epoch"):

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdplug
-from kdplug.feature_losses import LayerMap, parse_layer_map, resolve_layer_map
-from kdplug.feature_source import FeatureSource
+from ..errors import KdplugError
+from ..feature_losses import LayerMap, parse_layer_map, resolve_layer_map
+from ..feature_source import FeatureSource
 
 from .composite import check_weight
 
@@ -78,7 +78,7 @@ class _PairedTerm(nn.Module):
         total = None
         for s_feat, t_feat in self.pairs(student_out, teacher_out):
             if s_feat.shape[0] != t_feat.shape[0]:
-                raise kdplug.KdplugError(f"{type(self).__name__}: student feature "
+                raise KdplugError(f"{type(self).__name__}: student feature "
                                          f"{tuple(s_feat.shape)} and teacher feature "
                                          f"{tuple(t_feat.shape)} differ in batch size")
             acc = _acc(s_feat)
@@ -114,7 +114,7 @@ class ATTerm(_PairedTerm):
                  p: float = 2.0, **paths: Any) -> None:
         super().__init__(weight, layer_map, **paths)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-            raise kdplug.KdplugError(f"AT's p must be a number > 0, got {p!r}")
+            raise KdplugError(f"AT's p must be a number > 0, got {p!r}")
         self.p = float(p)
 
     def pair_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class ATTerm(_PairedTerm):
             s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
         a_s, a_t = attention_map(s, self.p), attention_map(t, self.p)
         if a_s.shape != a_t.shape:
-            raise kdplug.KdplugError(f"AT: student feature {tuple(s.shape)} and teacher feature "
+            raise KdplugError(f"AT: student feature {tuple(s.shape)} and teacher feature "
                                      f"{tuple(t.shape)} give attention maps of different sizes")
         return (a_s - a_t).pow(2).mean()
 
@@ -232,7 +232,7 @@ class PKTTerm(_PairedTerm):
 
 def _check_pool(pool: Any) -> str:
     if pool not in POOLS:
-        raise kdplug.KdplugError(f"pool must be one of {', '.join(POOLS)}, got {pool!r} (how a "
+        raise KdplugError(f"pool must be one of {', '.join(POOLS)}, got {pool!r} (how a "
                                  "feature map becomes the embedding RKD/PKT relate)")
     return pool
 

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdplug
-from kdplug.feature_losses import check_logits_match
-from kdplug.losses import IGNORE_INDEX, check_temperature, token_mask
-from kdplug.outputs import as_model_output
+from ..errors import KdplugError
+from ..feature_losses import check_logits_match
+from ..hyperparameters import check_temperature
+from ..losses import IGNORE_INDEX, token_mask
+from ..outputs import as_model_output
 
 from .composite import check_weight
 
@@ -35,14 +36,14 @@ def counted_rows(student_out: Any, teacher_out: Any, batch: Dict[str, Any],
     t = as_model_output(teacher_out).logits.detach()
     labels = batch.get("labels") if isinstance(batch, dict) else None
     if need_labels and not isinstance(labels, torch.Tensor):
-        raise kdplug.KdplugError("this loss needs the batch's labels (batch['labels'])")
+        raise KdplugError("this loss needs the batch's labels (batch['labels'])")
     mask = token_mask(s, batch)
     classes = s.shape[-1]
     s, t = s.reshape(-1, classes), t.reshape(-1, classes)
     if labels is not None:
         labels = labels.reshape(-1).to(s.device)
         if labels.numel() != s.shape[0]:
-            raise kdplug.KdplugError(f"{s.shape[0]} rows of logits but {labels.numel()} labels")
+            raise KdplugError(f"{s.shape[0]} rows of logits but {labels.numel()} labels")
         keep = labels != IGNORE_INDEX
         mask = keep if mask is None else mask.reshape(-1) & keep
     if mask is not None:
@@ -64,7 +65,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     """
     classes = student_logits.shape[-1]
     if classes < 2:
-        raise kdplug.KdplugError(f"DKD needs at least 2 classes, got logits with {classes}")
+        raise KdplugError(f"DKD needs at least 2 classes, got logits with {classes}")
     acc = _acc(student_logits)
     target = F.one_hot(labels.long(), classes).bool()
     stats = []
@@ -108,7 +109,7 @@ class DKDTerm(nn.Module):
         self.nckd_weight = check_weight("nckd_weight", nckd_weight)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) \
                 or warmup_epochs < 0:
-            raise kdplug.KdplugError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
+            raise KdplugError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
         self.warmup_epochs = warmup_epochs
         self.epoch: Optional[int] = None
         self._warned = False
