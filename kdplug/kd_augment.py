@@ -14,12 +14,12 @@ The draws are a function of (seed, step) only, so a resumed run mixes as the uni
 """
 from __future__ import annotations
 
-from typing import Any, Dict
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Dict
 
 from .errors import KdplugError
+
+if TYPE_CHECKING:  # torch loads when a batch is mixed: the config imports this module
+    import torch
 
 __all__ = ["KD_AUGMENTS", "check_kd_augment", "mixup_inputs", "augment_batch"]
 
@@ -40,6 +40,9 @@ def check_kd_augment(kind: Any, mixup_alpha: Any = 1.0) -> str:
 
 def mixup_inputs(inputs: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
     """Mix each input with another input of the batch (see the module docstring)."""
+    import numpy as np
+    import torch
+
     if not torch.is_floating_point(inputs):
         raise KdplugError(f"mixup mixes float inputs (images, features); got {inputs.dtype} "
                           "inputs (token ids cannot be mixed): use kd_augment='none'")
