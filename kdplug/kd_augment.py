@@ -10,7 +10,9 @@ mixup between training images is their strongest transfer-set augmentation. Here
   still names the larger part (for a loss with a hard-label term). Teacher and student get the
   very same mixed batch; the labels are left as they are.
 
-The draws are a function of (seed, step) only, so a resumed run mixes as the uninterrupted one.
+The draws are a function of (seed, epoch, step, process) only, so a resumed run mixes as the
+uninterrupted one. Under torchrun each process mixes within its share of the global batch, so K
+processes do not reproduce one process's mixed batches exactly (the unmixed data order they do).
 """
 from __future__ import annotations
 
