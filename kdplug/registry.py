@@ -71,8 +71,9 @@ class Registration:
         if unknown:
             hint = did_you_mean(unknown[0], accepted) if len(unknown) == 1 else ""
             raise UnknownOptionError(
-                f"the {self.kind} {self.name!r} (from plugin {self.origin()}) has no option "
-                f"{', '.join(map(repr, unknown))}{hint or '.'} Its options: "
+                f"the {self.kind} {self.name!r} (from plugin {self.origin()}) has no option"
+                f"{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                f"{hint or '.'} Its options: "
                 f"{', '.join(accepted) or 'none'}")
 
     @property

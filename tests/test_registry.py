@@ -85,7 +85,7 @@ def test_a_misspelt_factory_option_names_the_closest_and_lists_them():
                                                      r"'width'\? Its options: width, depth$") as err:
             kdplug.create_teacher("net", widht=8)
         assert isinstance(err.value, KdplugError) and isinstance(err.value, TypeError)
-        with pytest.raises(UnknownOptionError, match=r"has no option 'a', 'b'\. Its options"):
+        with pytest.raises(UnknownOptionError, match=r"has no options 'a', 'b'\. Its options"):
             kdplug.create_teacher("net", a=1, b=2)
         assert kdplug.create_teacher("net", width=8).in_features == 8
     finally:
