@@ -45,6 +45,6 @@ def closest(name: str, known: Iterable[str]) -> Optional[str]:
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest of ``known`` to a misspelt ``name``, else ``""``."""
+    """``"; did you mean 'x'?"`` for the one of ``known`` closest to ``name``, else ``""``."""
     match = closest(name, known)
     return f"; did you mean {match!r}?" if match else ""

@@ -17,8 +17,8 @@ import torch
 from .._atomic import atomic_write
 from ..errors import KdplugError
 
-__all__ = ["atomic_save", "load_checkpoint", "checkpoint_identity", "rng_state", "set_rng_state", "load_model_weights",
-           "FORMAT"]
+__all__ = ["atomic_save", "load_checkpoint", "checkpoint_identity", "rng_state", "set_rng_state",
+           "load_model_weights", "FORMAT"]
 
 FORMAT = "kdplug-checkpoint-v1"
 

@@ -279,6 +279,6 @@ def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.2
         train=train, test=TensorDataset(x[test_idx], y[test_idx]),
         num_classes=10, input_shape=(channels, image_size, image_size),
         model_options={"in_channels": channels, "image_size": image_size, "num_classes": 10},
-        info={"source": "scikit-learn's digits (sklearn/datasets/data/digits.csv.gz)", "train_samples": len(train_idx),
-              "test_samples": len(test_idx), "augment": augment},
+        info={"source": "scikit-learn's digits (sklearn/datasets/data/digits.csv.gz)",
+              "train_samples": len(train_idx), "test_samples": len(test_idx), "augment": augment},
     )
