@@ -232,6 +232,17 @@ def test_cli_bad_input_is_an_error_line_not_a_traceback(tmp_path):
     assert result.exit_code == 1 and "--data-option expects key=value, got 'oops'" in result.output
 
 
+def test_a_teacher_checkpoint_that_is_no_checkpoint_is_named(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("it is not a checkpoint\n")
+    with pytest.raises(kdplug.KdplugError, match=r"cannot read checkpoint '.*notes.txt': it is not "
+                                                 r"a file torch.save wrote \(a kdplug checkpoint "
+                                                 r"or a state_dict of tensors\), or it is damaged"):
+        distill(**TINY, teacher_checkpoint=str(notes), out=str(tmp_path / "run"),
+                callbacks=[NoTraining()])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_mismatched_teacher_checkpoint_is_named(tmp_path):
     torch.save(kdplug.create_teacher("cnn-teacher").state_dict(), tmp_path / "t.pt")
     with pytest.raises(kdplug.KdplugError, match=r"t.pt' does not fit the teacher 'cnn-teacher'.*"
