@@ -114,7 +114,7 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
     announce_epoch(parts.loss, 0)  # a loss that follows the epoch sees the first one in the dry run
     preflight.dry_run(teacher if cache is None else DryRunTeacher(cache), parts.student.model,
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
-    folder.write_config(cfg)
+    folder.open(cfg)  # every check has passed: the first write to out
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
                     callbacks=callbacks, log=log, cache=cache,
