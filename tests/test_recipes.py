@@ -152,6 +152,6 @@ def test_mixup_reaches_both_models_in_the_distillation_phase_only(tmp_path):
     for s, t in zip(student_batches, teacher_batches):
         torch.testing.assert_close(s, t)
         assert sum(tuple(x.flatten().tolist()) in train_images for x in s) < 32
-    with pytest.raises(kdplug.KdplugError, match="'kd_augment': expected one of none, mixup"):
+    with pytest.raises(kdplug.KdplugError, match="kd_augment.*one of none, mixup"):
         kdplug.distill("cnn-teacher", "cnn-student", "digits", kd_augment="cutmix",
                        out=str(Path(tmp_path) / "x"))
