@@ -116,7 +116,7 @@ def test_missing_cifar10_says_where_it_looked_and_how_to_get_it(tmp_path):
 def test_failed_download_is_one_clear_message(tmp_path, monkeypatch):
     from kdplug_cifar import data
 
-    def offline(root):
+    def offline(root, *spec):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(data, "_download", offline)

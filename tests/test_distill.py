@@ -276,10 +276,14 @@ def test_non_finite_loss_stops_naming_phase_epoch_and_step(tmp_path):
 
 
 def test_demo_plumbing_with_one_epoch(tmp_path):
-    """`kdplug demo`'s code path (digits, baseline, table); the real demo trains 40 epochs."""
-    from kdplug.engine.demo import DEMO_CONFIG, run_demo
+    """`kdplug demo`'s code path: the showcase recipe (digits, 200 labels, mixup, baseline,
+    table); the real demo trains 400 epochs."""
+    from kdplug.engine.demo import demo_summary, run_demo
 
     result = run_demo(out=str(tmp_path), quiet=True, epochs=1, teacher_epochs=1)
-    assert result.config.temperature == DEMO_CONFIG["temperature"] and result.scratch is not None
+    cfg = result.config
+    assert (cfg.loss, cfg.temperature, cfg.alpha, cfg.kd_augment) == ("kd", 1.0, 1.0, "mixup")
+    assert cfg.data_options == {"train_size": 200, "augment": 1} and result.scratch is not None
     assert result.report["data"] == "digits" and result.report["student"]["epochs"] == 1
     assert "student (scratch)" in result.table()
+    assert "200 labelled" in demo_summary()

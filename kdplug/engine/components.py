@@ -23,6 +23,7 @@ from torch import nn
 from ..api import get_registration
 from ..data import DataSplits
 from ..errors import KdplugError
+from ..feature_source import attach_models
 from ..registry import Registration
 from .batching import collate as default_collate
 from .batching import mix_seed, requirements
@@ -210,6 +211,8 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     for module in (teacher and teacher.model, student.model, scratch, loss):
         if isinstance(module, nn.Module):
             module.to(env.device)
+    if teacher is not None:  # features by module path: hooks on both models (removed at run end)
+        attach_models(loss, student=student.model, teacher=teacher.model)
     teacher_options = (model_options(teacher_source, splits, cfg.teacher_options)
                        if teacher_source is not None else None)
     return Components(splits=splits, collate=splits.collate_fn or default_collate,

@@ -70,7 +70,8 @@ class Phases:
             teacher = None
         trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr,
                           total_steps=epochs * self.loaders.sampler.batches_per_epoch,
-                          teacher=teacher, phase=phase, cached_teacher=cached)
+                          teacher=teacher, phase=phase, cached_teacher=cached,
+                          steps_per_epoch=self.loaders.sampler.batches_per_epoch)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train,
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
