@@ -28,3 +28,7 @@ class UnknownNameError(KdplugError, LookupError):
 
 class PluginLoadWarning(UserWarning):
     """A plugin could not be imported and was skipped; the others still load."""
+
+
+class MissingExtraWarning(UserWarning):
+    """An optional part (e.g. the plots) is skipped because its extra is not installed."""

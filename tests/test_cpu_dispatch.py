@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -222,31 +221,3 @@ def test_the_check_catches_an_avx_copy_of_shared_inline_code(tmp_path):
         subprocess.run([compiler, "-shared", *order, "-o", "toy.so"], cwd=tmp_path, check=True)
         assert baseline_violations(scan_functions(tmp_path / "toy.so")) == expected, order
 
-
-# ----------------------------------------------------------------------------- the JIT build
-
-@pytest.mark.slow
-def test_jit_build_compiles_the_capability_of_this_host(tmp_path):
-    """Without kdplug._C the op is built with ninja on first use, into TORCH_EXTENSIONS_DIR, for
-    this host only: one capability, every file compiled with its flags."""
-    assert _ext._csrc_dir() is not None, "no C++ sources beside the package to JIT-build from"
-    script = textwrap.dedent("""
-        import sys, torch
-        sys.modules["kdplug._C"] = None  # makes `from kdplug import _C` fail like a missing build
-        from kdplug import _cpu_capability, _ext
-        from kdplug.ops import kd_kl_div, kd_kl_div_reference
-        status = _ext.native_status()
-        assert status.source == "jit", status
-        s, t = torch.randn(4, 300), torch.randn(4, 300)
-        got = kd_kl_div(s, t, 2.0, backend="native")
-        torch.testing.assert_close(got, kd_kl_div_reference(s, t, 2.0), rtol=1e-5, atol=1e-6)
-        print("JIT-OK", _cpu_capability.current().compiled, status.reason)
-    """)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    for name in ("KDPLUG_FORCE_TORCH", "KDPLUG_CPU_CAPABILITY"):
-        env.pop(name, None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"JIT-OK {(_cpu_capability.host_capability(),)!r}" in done.stdout
-    assert "built at first use with ninja" in done.stdout

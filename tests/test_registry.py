@@ -99,15 +99,15 @@ def test_create_passes_options_and_records_the_origin():
             register("scaled", lambda scale=1.0: (lambda s, t, batch: scale * (s - t).sum()),
                      description="test loss")
 
-    kdplug.register_plugin(Plugin, name="losses")
+    kdplug.register_plugin(Plugin, name="my-losses")
     try:
         loss = kdplug.create_loss("scaled", scale=2.0)
         assert loss(torch.ones(2), torch.zeros(2), None).item() == 4.0
         entry = kdplug.list_losses()["scaled"]
         assert (entry.kind, entry.name, entry.plugin, entry.info) == (
-            "loss", "scaled", "losses", {"description": "test loss"})
+            "loss", "scaled", "my-losses", {"description": "test loss"})
     finally:
-        kdplug.unregister_plugin("losses")
+        kdplug.unregister_plugin("my-losses")
 
 
 def test_empty_name_is_refused():

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
+from ..errors import MissingExtraWarning
 from .checkpoint import atomic_write_text
 from .config import to_toml
 
@@ -46,9 +48,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "") -> None:
-    """curves.png: test accuracy and test loss per epoch, one line per phase."""
-    import matplotlib
+_said_no_plots = False
+
+
+def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "") -> bool:
+    """curves.png: test accuracy and test loss per epoch, one line per phase. Without matplotlib
+    (the `plots` extra) nothing is drawn, and the first call says so; returns whether it drew."""
+    global _said_no_plots
+    try:
+        import matplotlib
+    except ImportError:
+        if not _said_no_plots:
+            _said_no_plots = True
+            warnings.warn(f"matplotlib is not installed, so no {path.name} is written: "
+                          f"pip install 'kdplug[plots]'", MissingExtraWarning, stacklevel=2)
+        return False
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -76,6 +90,7 @@ def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+    return True
 
 
 def format_table(report: Mapping[str, Any]) -> str:

@@ -204,8 +204,12 @@ def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.2
         augment: translate each training image by a random offset of up to this many (8×8)
             pixels each way; 0 (the default) turns augmentation off.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise kdplug.KdplugError("the digits data set comes with scikit-learn, which is not "
+                                 "installed: pip install 'kdplug[data]'") from exc
 
     for name, value, low in (("image_size", image_size, 1), ("channels", channels, 1),
                              ("augment", augment, 0)):
