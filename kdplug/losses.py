@@ -22,45 +22,22 @@ treated there.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdplug
-from kdplug.cache.targets import teacher_topk
-from kdplug.outputs import as_model_output
+from .cache.targets import teacher_topk
+from .errors import KdplugError
+from .hookspecs import hookimpl
+from .hyperparameters import check_alpha, check_temperature
+from .outputs import as_model_output
 
 IGNORE_INDEX = -100
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "KDCrossEntropyLoss", "check_temperature", "check_alpha",
            "cross_entropy", "token_mask", "register_losses"]
-
-
-def check_temperature(temperature: Any) -> float:
-    """T as a float; a clear KdplugError unless it is a finite number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise kdplug.KdplugError(f"temperature must be a number > 0, got {temperature!r}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise kdplug.KdplugError(
-            f"temperature must be finite and > 0, got {temperature:g} (T softens the logits as "
-            "softmax(logits/T); T=1 is the plain softmax, 2..8 is usual for distillation)")
-    return temperature
-
-
-def check_alpha(alpha: Any) -> float:
-    """α as a float; a clear KdplugError unless 0 <= α <= 1."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise kdplug.KdplugError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
-        raise kdplug.KdplugError(
-            f"alpha must be in [0, 1], got {alpha:g} (loss = alpha*kd + (1-alpha)*ce: "
-            "alpha=1 is soft targets only, alpha=0 is hard labels only)")
-    return alpha
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -92,7 +69,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     if labels.numel() != logits.shape[0]:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"cross-entropy: {logits.shape[0]} rows of logits but {labels.numel()} labels")
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
@@ -181,20 +158,20 @@ class KDCrossEntropyLoss(KDLoss):
 
 def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
             f"its options are temperature, alpha, backend and rest")
 
 
 def _check_rest(rest: Any) -> str:
     if rest not in ("renormalize", "bucket"):
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"rest must be 'renormalize' or 'bucket', got {rest!r} (how a top-k teacher's mass "
             "outside its k classes is treated; see kdplug.ops.kd_kl_div_topk)")
     return rest
 
 
-@kdplug.hookimpl
+@hookimpl
 def register_losses(register):
     register("ce", CrossEntropyLoss,
              description="cross-entropy on the hard labels only (a student trained alone)")
