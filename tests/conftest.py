@@ -66,7 +66,8 @@ def pytest_collection_modifyitems(config, items):
             duplicates.append(item)
     if duplicates:
         config.hook.pytest_deselected(items=duplicates)
-        items[:] = [item for item in items if item not in set(duplicates)]
+        dropped = set(duplicates)
+        items[:] = [item for item in items if item not in dropped]
 
 
 @pytest.fixture
