@@ -13,7 +13,6 @@ place (:func:`build_teacher`) by both.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional
@@ -94,21 +93,13 @@ def display_name(obj: Any) -> str:
     return getattr(obj, "__name__", None) or type(obj).__name__
 
 
-def factory_options(factory: Callable, given: Mapping[str, Any], user: Mapping[str, Any]
-                    ) -> Dict[str, Any]:
-    """``given`` (from the data or the engine) filtered to what ``factory`` accepts, under
-    ``user`` (always passed: a misspelt user option is an error)."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return {**given, **user}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        accepted = dict(given)
-    else:
-        names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)}
-        accepted = {k: v for k, v in given.items() if k in names}
-    return {**accepted, **user}
+def factory_options(registration: Registration, given: Mapping[str, Any],
+                    user: Mapping[str, Any]) -> Dict[str, Any]:
+    """``given`` (from the data or the engine) filtered to what the registered factory accepts,
+    under ``user`` (always passed: a misspelt user option is an error)."""
+    accepted = registration.options
+    passed = dict(given) if accepted is None else {k: v for k, v in given.items() if k in accepted}
+    return {**passed, **user}
 
 
 # ----------------------------------------------------------------------------- single parts
@@ -137,7 +128,7 @@ def model_options(source: Source, splits: DataSplits, user: Mapping[str, Any]
     user's); None for a ready module."""
     if not source.by_name:
         return None
-    return factory_options(source.registration.factory, splits.model_options, user)
+    return factory_options(source.registration, splits.model_options, user)
 
 
 @dataclass
@@ -185,7 +176,7 @@ def build_loss(source: Source, options: Mapping[str, Any], temperature: float,
         source.no_options_for_objects(options)
         return source.obj
     engine = {"temperature": temperature, "alpha": alpha}
-    return source.create(factory_options(source.registration.factory, engine, options))
+    return source.create(factory_options(source.registration, engine, options))
 
 
 # ----------------------------------------------------------------------------- a run's parts

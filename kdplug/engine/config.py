@@ -16,16 +16,15 @@ An unknown key or a value of the wrong type is a :class:`kdplug.KdplugError` tha
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import tomli_w
 
-from ..errors import KdplugError
+from ..errors import KdplugError, closest, did_you_mean
 from ..hyperparameters import check_alpha, check_temperature
 from ..settings import declared_problem, setting, settings_of
 
@@ -150,8 +149,12 @@ class DistillConfig:
             return f" (in {sources[key]})" if key in sources else ""
 
         def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
-                               f"got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if key in sources:
+                return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
+                                   f"got {value!r}")
+            flag = "--" + key.replace("_", "-")  # given as a keyword or on the command line
+            return ConfigError(f"{key} ({flag}) must be {expected}, got {value!r}")
 
         problem = declared_problem(self)  # what the declarations say: types and choices
         if problem:
@@ -198,12 +201,15 @@ def _normalize_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+def _unknown_keys(keys: Sequence[str], source: str) -> ConfigError:
     where = f" in {source}" if source else ""
-    return ConfigError(f"unknown config key {key!r}{where}{hint} Known keys: "
-                       f"{', '.join(FIELD_NAMES)}")
+    if len(keys) == 1:
+        named = f" {keys[0]!r}{where}{did_you_mean(keys[0], FIELD_NAMES)}"
+    else:
+        named = f"s{where}: " + ", ".join(
+            f"{key!r}" + (f" (did you mean {match!r}?)" if match else "")
+            for key, match in ((key, closest(key, FIELD_NAMES)) for key in keys)) + "."
+    return ConfigError(f"unknown config key{named} Known keys: {', '.join(FIELD_NAMES)}")
 
 
 def load_config_file(path: Any) -> Dict[str, Any]:
@@ -222,11 +228,12 @@ def load_config_file(path: Any) -> Dict[str, Any]:
 
 def check_keys(raw: Mapping[str, Any], source: str = "") -> Dict[str, Any]:
     """Normalized keys of a mapping of config values; unknown keys raise, naming the key."""
+    unknown = [str(key) for key in raw if _normalize_key(str(key)) not in FIELD_NAMES]
+    if unknown:  # all of them at once: a file with several typos needs one round, not several
+        raise _unknown_keys(unknown, source)
     values: Dict[str, Any] = {}
     for key, value in raw.items():
         name = _normalize_key(str(key))
-        if name not in FIELD_NAMES:
-            raise _unknown_key(str(key), source)
         if name in OPTION_TABLES and isinstance(value, Mapping):
             value = {_normalize_key(str(k)): v for k, v in value.items()}
         values[name] = value

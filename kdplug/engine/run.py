@@ -104,7 +104,7 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     teacher = parts.teacher.model if parts.teacher is not None else None
     preflight.dry_run(teacher if cache is None else DryRunTeacher(cache), parts.student.model,
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
-    folder.write_config(cfg)
+    folder.open(cfg)  # every check has passed: the first write to out
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
                     callbacks=callbacks, log=log, cache=cache,

@@ -36,7 +36,7 @@ def cifar10(*, root: Optional[str] = None, download: bool = True, verify: bool =
 
 
 def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.25,
-           split_seed: int = 0, train_size: Optional[int] = None, augment: int = 0):
+           split_seed: int = 0, train_size: Optional[int] = None, augment: Union[int, bool] = 0):
     """scikit-learn's digits; see kdplug_cifar.data.digits for the options."""
     from .data import digits as build
 

@@ -5,11 +5,14 @@ and whose ``model_options`` (``in_channels``, ``image_size``, ``num_classes``) s
 """
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -192,8 +195,50 @@ class _Shifted(Dataset):
         return padded[:, dy:dy + height, dx:dx + width], self.labels[index]
 
 
+def _digits_arrays() -> tuple:
+    """The 1,797 digits as (pixels float32 [N, 64] in 0..16, labels int64 [N]): the CSV file
+    scikit-learn ships, read without importing scikit-learn (seconds of start-up for one file)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise kdplug.KdplugError("the digits data set comes with scikit-learn, which is not "
+                                 "installed: pip install 'kdplug[data]'")
+    folders = list(spec.submodule_search_locations or [])
+    found = [Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders]
+    found = [f for f in found if f.is_file()]
+    if found:
+        table = torch.as_tensor(np.loadtxt(found[0], delimiter=","), dtype=torch.float32)
+        return table[:, :-1].contiguous(), table[:, -1].to(torch.int64)
+    from sklearn.datasets import load_digits  # a scikit-learn that keeps the file elsewhere
+
+    bunch = load_digits()
+    return (torch.as_tensor(bunch.data, dtype=torch.float32),
+            torch.as_tensor(bunch.target, dtype=torch.int64))
+
+
+def _stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple:
+    """(train, test) indices: ``test_fraction`` of every class held out (ceil(N·fraction) in
+    all, spread over the classes by largest remainder), each class's pick and both orders drawn
+    from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    share = counts.double() * test_fraction
+    n_test = share.floor().long()
+    short = math.ceil(len(labels) * test_fraction) - int(n_test.sum())
+    n_test[torch.argsort(share - share.floor(), descending=True, stable=True)[:short]] += 1
+    train, test = [], []
+    for label, n in zip(classes.tolist(), n_test.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        test.append(members[:n])
+        train.append(members[n:])
+    train_idx, test_idx = torch.cat(train), torch.cat(test)
+    return (train_idx[torch.randperm(len(train_idx), generator=g)],
+            test_idx[torch.randperm(len(test_idx), generator=g)])
+
+
 def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.25,
-           split_seed: int = 0, train_size: Optional[int] = None, augment: int = 0) -> DataSplits:
+           split_seed: int = 0, train_size: Optional[int] = None,
+           augment: Union[int, bool] = 0) -> DataSplits:
     """scikit-learn's handwritten digits: 1,797 real 8×8 grey images, 10 classes, no download.
 
     A stratified split (``test_fraction`` of each class held out, fixed by ``split_seed``),
@@ -202,28 +247,20 @@ def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.2
         channels: 1, or 3 to repeat the grey channel (for models fixed to RGB input).
         train_size: keep only the first N training images (after the shuffled split).
         augment: translate each training image by a random offset of up to this many (8×8)
-            pixels each way; 0 (the default) turns augmentation off.
+            pixels each way; 0 (the default) turns augmentation off. ``true``/``false`` read as
+            1 and 0, as the switch of cifar10's ``augment``.
     """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise kdplug.KdplugError("the digits data set comes with scikit-learn, which is not "
-                                 "installed: pip install 'kdplug[data]'") from exc
-
+    if isinstance(augment, bool):  # a switch, as for cifar10: on is the smallest shift
+        augment = int(augment)
     for name, value, low in (("image_size", image_size, 1), ("channels", channels, 1),
                              ("augment", augment, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise kdplug.KdplugError(f"digits: {name} must be an int >= {low}, got {value!r}")
     if not 0.0 < float(test_fraction) < 1.0:
         raise kdplug.KdplugError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=float(test_fraction), random_state=int(split_seed),
-        stratify=bunch.target)
-    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    pixels, y = _digits_arrays()
+    x = pixels.reshape(-1, 1, 8, 8) / 16.0
+    train_idx, test_idx = _stratified_split(y, float(test_fraction), int(split_seed))
     if train_size is not None:
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
             raise kdplug.KdplugError(
@@ -245,6 +282,6 @@ def digits(*, image_size: int = 8, channels: int = 1, test_fraction: float = 0.2
         train=train, test=TensorDataset(x[test_idx], y[test_idx]),
         num_classes=10, input_shape=(channels, image_size, image_size),
         model_options={"in_channels": channels, "image_size": image_size, "num_classes": 10},
-        info={"source": "sklearn.datasets.load_digits", "train_samples": len(train_idx),
-              "test_samples": len(test_idx), "augment": augment},
+        info={"source": "scikit-learn's digits (sklearn/datasets/data/digits.csv.gz)",
+              "train_samples": len(train_idx), "test_samples": len(test_idx), "augment": augment},
     )
