@@ -62,7 +62,7 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest():
     assert str(error.value).startswith("unknown teacher 'mlp-larg'; did you mean 'mlp-large'? "
                                        "Known teachers: 'cnn-large', 'mlp-large' Installed "
                                        "plugins that were not loaded (the name may be theirs): ")
-    assert str(error.value).endswith(" (not listed in KDPLUG_LOAD_PLUGINS)")  # all left out here
+    assert str(error.value).endswith(" (disabled by KDPLUG_DISABLE_PLUGINS)")  # all left out here
     assert isinstance(error.value, (KdplugError, LookupError, ValueError))
 
 
