@@ -221,3 +221,24 @@ def test_the_check_catches_an_avx_copy_of_shared_inline_code(tmp_path):
         subprocess.run([compiler, "-shared", *order, "-o", "toy.so"], cwd=tmp_path, check=True)
         assert baseline_violations(scan_functions(tmp_path / "toy.so")) == expected, order
 
+
+
+@pytest.mark.parametrize("requested, host, built", [
+    ("", "avx2", "avx2"), ("default", "avx512", "default"), ("avx512", "avx2", "avx2"),
+    ("sse4", "avx512", "avx512"),
+])
+def test_jit_build_compiles_one_capability_never_beyond_the_host(monkeypatch, requested, host,
+                                                                   built):
+    """The JIT build compiles every file with one capability's flags, static initializers
+    included, so a request beyond the host builds the host's (and the load then refuses it)."""
+    from torch.utils import cpp_extension
+
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(_cpu_capability, "host_capability", lambda: host)
+    monkeypatch.setenv("KDPLUG_CPU_CAPABILITY", requested)
+    _ext._jit_build()
+    [call] = calls
+    assert call["name"] == f"kdplug_jit_C_{built}"
+    assert call["extra_cflags"] == _build_flags.CXX_FLAGS + _build_flags.CPU_CAPABILITY_FLAGS[built]
+    assert any(s.endswith("cpu_dispatch.cpp") for s in call["sources"])
