@@ -104,18 +104,22 @@ def _build_ext_class(cpp_extension):
 
 class BuildPyWithSources(build_py):
     """Ships csrc/ inside the package (kdplug/_csrc), so the JIT fallback can build the op
-    outside a checkout; an editable install finds csrc/ beside the package instead."""
+    outside a checkout, and recipes/ (kdplug/_recipes), so `kdplug recipes` and `kdplug demo`
+    work from a wheel; an editable install finds both beside the package instead."""
+
+    SHIPPED = {"csrc": "_csrc", "recipes": "_recipes"}
 
     def run(self):
         super().run()
         if getattr(self, "editable_mode", False):
             return
-        for source in sorted(glob.glob(os.path.join("csrc", "**", "*"), recursive=True)):
-            if os.path.isfile(source):
-                target = os.path.join(self.build_lib, "kdplug", "_csrc",
-                                      os.path.relpath(source, "csrc"))
-                self.mkpath(os.path.dirname(target))
-                self.copy_file(source, target)
+        for folder, packaged in self.SHIPPED.items():
+            for source in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+                if os.path.isfile(source):
+                    target = os.path.join(self.build_lib, "kdplug", packaged,
+                                          os.path.relpath(source, folder))
+                    self.mkpath(os.path.dirname(target))
+                    self.copy_file(source, target)
 
 
 def ext_modules_and_cmdclass():

@@ -100,6 +100,9 @@ def test_sdist_holds_the_sources_and_builds_the_wheel_a_checkout_builds(distribu
     assert len(native) == 1, wheel_files(wheel)
     assert [n for n in wheel_files(wheel) if n not in native] == wheel_files(pure)
     assert {f"kdplug/_csrc/{name[len('csrc/'):]}" for name in csrc} <= set(wheel_files(wheel))
+    recipes = {p.name for p in (sources / "recipes").glob("*.toml")}
+    assert recipes and {f"recipes/{name}" for name in recipes} <= members
+    assert {f"kdplug/_recipes/{name}" for name in recipes} <= set(wheel_files(wheel))
 
     info = zipfile.ZipFile(wheel)
     [meta] = [n for n in info.namelist() if n.endswith(".dist-info/METADATA")]
@@ -234,9 +237,12 @@ def test_console_script_prints_the_version_and_lists_the_builtin_plugins(fresh):
     report = json.loads(check(fresh.run(fresh.venv / "bin" / "kdplug", "plugins", "--json")))
     assert report["failed"] == []
     plugins = {p["name"]: p for p in report["plugins"]}
-    assert set(plugins) == {"cifar", "transformer", "losses", "features"}
+    assert set(plugins) == {"cifar", "transformer", "losses", "features", "methods"}
     assert all(p["distribution"] == "kdplug" for p in plugins.values())
     assert {"ce", "kd", "kd+ce"} <= set(plugins["losses"]["registered"]["loss"])
+    # the recipes ship in the wheel: `kdplug recipes` (and `kdplug demo`, which runs one) work
+    listing = check(fresh.run(fresh.venv / "bin" / "kdplug", "recipes"))
+    assert "digits-showcase" in listing and "cifar100-resnet32x4-resnet8x4-dkd" in listing
 
 
 def test_installed_native_op_runs_under_each_cpu_capability(fresh):
