@@ -44,7 +44,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
     "out", "resume", "overwrite", "device", "quiet", "num_workers", "threads", "checkpoint_every",
-    "eval_batch_size", "baseline", "teacher_cache_verify",
+    "eval_batch_size", "eval_every", "baseline", "teacher_cache_verify",
 })
 CACHE_VERIFY_MODES = ("full", "lazy", "size")
 
@@ -101,9 +101,14 @@ class DistillConfig:
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
     amp: str = setting("none", choices=AMP_MODES,
                        help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
-    num_workers: int = setting(0, help="DataLoader worker processes.")
+    num_workers: Optional[int] = setting(
+        None, default_text="auto",
+        help="DataLoader worker processes per split (auto: none for tensors in memory, else "
+             "the cores less one, at most 8).")
     threads: Optional[int] = setting(None, default_text="torch's choice",
                                      help="torch CPU threads for the run.")
+    eval_every: int = setting(1, help="Evaluate on the test split every N epochs (the last "
+                                      "epoch always).")
     checkpoint_every: int = setting(0, help="Also checkpoint every N steps (0: at each epoch's "
                                             "end only).")
     quiet: bool = setting(False, help="No per-epoch lines or progress bars.")
@@ -165,6 +170,7 @@ class DistillConfig:
             raise ConfigError(str(exc)) from None
         for key, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                          ("warmup_steps", 0), ("num_workers", 0), ("checkpoint_every", 0),
+                         ("eval_every", 1),
                          ("teacher_epochs", 0), ("threads", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
