@@ -184,7 +184,8 @@ def run_hand(case: str, args: argparse.Namespace, workdir: Path, workers: int) -
         return batch[0], batch[1], None
 
     def forward(model, x, mask):
-        return model(x, attention_mask=mask) if mask is not None else model(x)
+        out = model(x, attention_mask=mask) if mask is not None else model(x)
+        return getattr(out, "logits", out)
 
     def loss_of(s_logits, t_logits, y):
         flat_s = s_logits.reshape(-1, s_logits.shape[-1])
@@ -344,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="DataLoader workers for both sides (default: kdplug's choice)")
     parser.add_argument("--cifar-train", type=int, default=1280, help="generated CIFAR images")
-    parser.add_argument("--lm-articles", type=int, default=40, help="BBC News articles (lm)")
+    parser.add_argument("--lm-articles", type=int, default=12, help="BBC News articles (lm)")
     parser.add_argument("--before-src", default=None, help="another kdplug source tree to time")
     parser.add_argument("--json", default=None, help="also write the summaries here")
     parser.add_argument("--child", choices=["kdplug", "hand", "before", "workers"], help=argparse.SUPPRESS)

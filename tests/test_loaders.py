@@ -68,6 +68,8 @@ def test_loaders_take_the_default_or_the_given_workers(monkeypatch):
     assert auto.test.persistent_workers is False and auto.train_loader().pin_memory is False
     given = build_loaders(splits, collate, DistillConfig(batch_size=32, num_workers=0), DistEnv())
     assert (given.train_workers, given.test.num_workers) == (0, 0)
+    given = build_loaders(splits, collate, DistillConfig(batch_size=32, num_workers=2), DistEnv())
+    assert (given.train_workers, given.test.num_workers) == (2, 0)  # tensors need no workers
     with pytest.raises(kdplug.KdplugError, match="'num_workers': expected an int >= 0, got -1"):
         DistillConfig(num_workers=-1).validate()
     with pytest.raises(kdplug.KdplugError, match="'eval_every': expected an int >= 1, got 0"):

@@ -19,7 +19,8 @@ from ..errors import KdplugError
 from ..outputs import ModelOutput, as_model_output
 
 __all__ = ["collate", "to_device", "call_model", "requirements", "EpochSampler", "ShardSampler",
-           "SeededDataset", "EpochKeys", "EpochItems", "load_seeded_item", "uses_python_random",
+           "SeededDataset", "EpochKeys", "EpochItems", "load_items", "load_seeded_item",
+           "uses_python_random",
            "holds_fixed_tensors", "REQUIREMENTS"]
 
 REQUIREMENTS = ("hidden_states", "attentions")
@@ -297,9 +298,14 @@ class EpochItems(Dataset):
             if epoch != self.epoch:
                 self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
                 self.epoch = epoch
-        indices = [index for _, index in keys]
-        many = getattr(self.dataset, "__getitems__", None)
-        return many(indices) if many is not None else [self.dataset[i] for i in indices]
+        return load_items(self.dataset, [index for _, index in keys])
+
+
+def load_items(dataset: Dataset, indices: Sequence[int]) -> List[Any]:
+    """``dataset``'s items at ``indices``, through its ``__getitems__`` when it has one (as
+    DataLoader does: a SeededDataset seeds a whole batch at once)."""
+    many = getattr(dataset, "__getitems__", None)
+    return many(indices) if many is not None else [dataset[i] for i in indices]
 
 
 def first_items(dataset: Dataset, count: int) -> List[Any]:

@@ -103,8 +103,8 @@ class DistillConfig:
                        help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
     num_workers: Optional[int] = setting(
         None, default_text="auto",
-        help="DataLoader worker processes per split (auto: none for tensors in memory, else "
-             "the cores less one, at most 8).")
+        help="DataLoader worker processes for a split that does per-item work (auto: the "
+             "cores less one, at most 8); a split of tensors in memory needs none.")
     threads: Optional[int] = setting(None, default_text="torch's choice",
                                      help="torch CPU threads for the run.")
     eval_every: int = setting(1, help="Evaluate on the test split every N epochs (the last "

@@ -7,7 +7,8 @@ uninterrupted run's. With a teacher cache the training items carry their index a
 cached targets (:mod:`kdplug.cache.integration`).
 
 A split that does work per item (anything but fixed tensors in memory) is loaded by worker
-processes: :func:`default_num_workers` of them unless ``num_workers`` is given. They stay up for
+processes: :func:`default_num_workers` of them unless ``num_workers`` is given (a split of fixed
+tensors is read in the training process either way: workers would only copy it). They stay up for
 the whole phase (the epoch travels to them with each index, :class:`EpochKeys`), prefetch, and
 hand over pinned batches when the run trains on CUDA. Each phase gets a fresh training loader,
 so its workers start from the data set and collate as that phase sets them.
@@ -107,9 +108,9 @@ def build_loaders(splits: DataSplits, collate: Callable, cfg: DistillConfig, env
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
 
     def workers(dataset: Dataset) -> int:
-        if cfg.num_workers is not None:
-            return cfg.num_workers
-        return default_num_workers(dataset, per_node)
+        if cfg.num_workers is None or holds_fixed_tensors(dataset):
+            return default_num_workers(dataset, per_node)
+        return cfg.num_workers
 
     test_loader = DataLoader(
         splits.test, batch_size=cfg.eval_batch_size,
