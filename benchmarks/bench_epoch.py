@@ -137,13 +137,18 @@ def run_kdplug(case: str, args: argparse.Namespace, workdir: Path) -> Dict[str, 
 def kdplug_default_workers(case: str, args: argparse.Namespace, workdir: Path) -> int:
     """The DataLoader workers kdplug picks for this case's training set (0 before issue 16)."""
     import kdplug
+    from kdplug.engine import loaders
+    from kdplug.engine.batching import collate
+    from kdplug.engine.config import DistillConfig
+    from kdplug.engine.distributed import DistEnv
 
-    try:
-        from kdplug.engine.loaders import default_num_workers
-    except ImportError:
+    if not hasattr(loaders, "default_num_workers"):
         return 0
     s = case_settings(case, args, workdir)
-    return default_num_workers(kdplug.create_dataset(s["data"], **s["data_options"]).train)
+    splits = kdplug.create_dataset(s["data"], **s["data_options"])
+    built = loaders.build_loaders(splits, splits.collate_fn or collate,
+                                  DistillConfig(batch_size=s["batch_size"]), DistEnv())
+    return built.train_workers
 
 
 # ----------------------------------------------------------------------------- the hand loop

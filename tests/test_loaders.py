@@ -2,16 +2,20 @@
 whatever the number of workers."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 import kdplug
+from kdplug.data import DataSplits
 from kdplug.engine import loaders as loaders_module
 from kdplug.engine.batching import collate
 from kdplug.engine.config import DistillConfig
 from kdplug.engine.distributed import DistEnv
-from kdplug.engine.loaders import MAX_DEFAULT_WORKERS, build_loaders, default_num_workers
+from kdplug.engine.loaders import (MAX_DEFAULT_WORKERS, batch_load_seconds, build_loaders,
+                                   default_num_workers)
 
 
 class Augmented(Dataset):
@@ -20,6 +24,19 @@ class Augmented(Dataset):
 
     def __getitem__(self, index):
         return torch.rand(2), 0
+
+
+class Slow(Dataset):
+    """Items that take a while to load (decoding an image, say)."""
+
+    seconds = 0.002
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return torch.zeros(2), 0
 
 
 def epochs_of_batches(loaders, epochs):
@@ -50,25 +67,30 @@ def test_zero_and_two_workers_give_the_same_batches():
     assert not torch.equal(got[2][0][0]["inputs"], got[2][1][0]["inputs"])
 
 
-def test_default_workers_follow_the_data_and_the_cores(monkeypatch):
+def test_default_workers_follow_the_work_per_item_and_the_cores(monkeypatch):
     tensors = TensorDataset(torch.randn(8, 2))
-    assert default_num_workers(tensors) == 0
-    assert default_num_workers(Subset(tensors, [0, 1])) == 0
+    assert default_num_workers(tensors, 64, collate) == 0
+    assert default_num_workers(Subset(tensors, [0, 1]), 64, collate) == 0
+    # items quicker to load than a batch is to hand over from a worker: no workers either
+    assert default_num_workers(Augmented(), 64, collate) == 0
+    seconds, tensors_per_batch = batch_load_seconds(Slow(), 64, collate)
+    assert seconds >= 64 * Slow.seconds and tensors_per_batch == 2
     for cores, per_node, want in ((1, 1, 1), (2, 1, 1), (6, 1, 5), (64, 1, MAX_DEFAULT_WORKERS),
                                   (16, 4, 3), (4, 8, 1)):
         monkeypatch.setattr(loaders_module, "available_cores", lambda: cores)
-        assert default_num_workers(Augmented(), per_node) == want, (cores, per_node)
+        assert default_num_workers(Slow(), 64, collate, per_node) == want, (cores, per_node)
 
 
 def test_loaders_take_the_default_or_the_given_workers(monkeypatch):
     monkeypatch.setattr(loaders_module, "available_cores", lambda: 2)
-    splits = kdplug.create_dataset("digits", augment=1, train_size=64)  # augmented train, tensors test
-    auto = build_loaders(splits, collate, DistillConfig(batch_size=32), DistEnv())
+    splits = DataSplits(train=Slow(), test=TensorDataset(torch.randn(4, 2), torch.zeros(4).long()),
+                        num_classes=2, input_shape=(2,))
+    auto = build_loaders(splits, collate, DistillConfig(batch_size=4), DistEnv())
     assert (auto.train_workers, auto.test.num_workers) == (1, 0)
     assert auto.test.persistent_workers is False and auto.train_loader().pin_memory is False
-    given = build_loaders(splits, collate, DistillConfig(batch_size=32, num_workers=0), DistEnv())
+    given = build_loaders(splits, collate, DistillConfig(batch_size=4, num_workers=0), DistEnv())
     assert (given.train_workers, given.test.num_workers) == (0, 0)
-    given = build_loaders(splits, collate, DistillConfig(batch_size=32, num_workers=2), DistEnv())
+    given = build_loaders(splits, collate, DistillConfig(batch_size=4, num_workers=2), DistEnv())
     assert (given.train_workers, given.test.num_workers) == (2, 0)  # tensors need no workers
     with pytest.raises(kdplug.KdplugError, match="'num_workers': expected an int >= 0, got -1"):
         DistillConfig(num_workers=-1).validate()

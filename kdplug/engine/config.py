@@ -103,8 +103,8 @@ class DistillConfig:
                        help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
     num_workers: Optional[int] = setting(
         None, default_text="auto",
-        help="DataLoader worker processes for a split that does per-item work (auto: the "
-             "cores less one, at most 8); a split of tensors in memory needs none.")
+        help="DataLoader worker processes per split (auto: none where items load faster than a "
+             "worker hands them over, else the cores less one, at most 8).")
     threads: Optional[int] = setting(None, default_text="torch's choice",
                                      help="torch CPU threads for the run.")
     eval_every: int = setting(1, help="Evaluate on the test split every N epochs (the last "

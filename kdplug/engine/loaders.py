@@ -6,9 +6,9 @@ seeds from their own generators, never from the global RNG, so a resumed run's R
 uninterrupted run's. With a teacher cache the training items carry their index and the batches the
 cached targets (:mod:`kdplug.cache.integration`).
 
-A split that does work per item (anything but fixed tensors in memory) is loaded by worker
-processes: :func:`default_num_workers` of them unless ``num_workers`` is given (a split of fixed
-tensors is read in the training process either way: workers would only copy it). They stay up for
+A split whose items take real work to load is loaded by worker processes:
+:func:`default_num_workers` of them unless ``num_workers`` is given (a split of fixed tensors is
+read in the training process either way: workers would only copy it). They stay up for
 the whole phase (the epoch travels to them with each index, :class:`EpochKeys`), prefetch, and
 hand over pinned batches when the run trains on CUDA. Each phase gets a fresh training loader,
 so its workers start from the data set and collate as that phase sets them.
@@ -16,8 +16,9 @@ so its workers start from the data set and collate as that phase sets them.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,11 +27,12 @@ from ..cache.integration import CachedCollate, IndexedDataset
 from ..cache.reader import TeacherCache
 from ..data import DataSplits
 from .batching import (EpochItems, EpochKeys, EpochSampler, SeededDataset, ShardSampler,
-                       holds_fixed_tensors, needs_seeding)
+                       holds_fixed_tensors, load_items, needs_seeding)
 from .config import DistillConfig
 from .distributed import DistEnv
 
-__all__ = ["Loaders", "build_loaders", "default_num_workers", "MAX_DEFAULT_WORKERS"]
+__all__ = ["Loaders", "build_loaders", "default_num_workers", "batch_load_seconds",
+           "MAX_DEFAULT_WORKERS"]
 
 #: the most worker processes chosen by default (per training process)
 MAX_DEFAULT_WORKERS = 8
@@ -46,14 +48,44 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers(dataset: Dataset, processes_per_node: int = 1) -> int:
-    """Worker processes for loading ``dataset``: none for fixed tensors in memory (a worker would
-    only add copies); otherwise this process's share of the cores less one for the training loop,
-    at least 1 and at most :data:`MAX_DEFAULT_WORKERS`."""
+def default_num_workers(dataset: Dataset, batch_size: int, collate: Callable,
+                        processes_per_node: int = 1) -> int:
+    """Worker processes for loading ``dataset`` in batches of ``batch_size``: none where a
+    worker would cost more than it saves (fixed tensors in memory, or items so quick to load and
+    collate that handing each batch over from a worker costs about as much, see
+    :func:`batch_load_seconds`); otherwise this process's share of the cores less one for the
+    training loop, at least 1 and at most :data:`MAX_DEFAULT_WORKERS`."""
     if holds_fixed_tensors(dataset):
+        return 0
+    seconds, tensors = batch_load_seconds(dataset, batch_size, collate)
+    if seconds < 2 * tensors * TRANSFER_SECONDS_PER_TENSOR:
         return 0
     cores = available_cores() // max(1, processes_per_node)
     return max(1, min(MAX_DEFAULT_WORKERS, cores - 1))
+
+
+#: what the training process spends receiving one tensor of a batch from a worker (a file
+#: descriptor passed over a fresh socket): measured ~1 ms on a busy 2-core machine
+TRANSFER_SECONDS_PER_TENSOR = 1e-3
+#: items timed (twice, the faster round counts) to estimate a batch's loading time
+TIMED_ITEMS = 8
+
+
+def batch_load_seconds(dataset: Dataset, batch_size: int, collate: Callable) -> Tuple[float, int]:
+    """Seconds to load and collate a batch of ``dataset`` in the training process (from a few
+    items), and how many tensors a batch holds."""
+    indices = list(range(min(TIMED_ITEMS, len(dataset))))  # type: ignore[arg-type]
+    if not indices:
+        return 0.0, 1
+    rounds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        batch = collate(load_items(dataset, indices))
+        rounds.append(time.perf_counter() - started)
+    values = (batch.values() if isinstance(batch, dict)
+              else batch if isinstance(batch, (list, tuple)) else [batch])
+    tensors = sum(isinstance(v, torch.Tensor) for v in values)
+    return min(rounds) * batch_size / len(indices), max(1, tensors)
 
 
 def _worker_options(workers: int, device: torch.device) -> Dict[str, Any]:
@@ -107,16 +139,19 @@ def build_loaders(splits: DataSplits, collate: Callable, cfg: DistillConfig, env
     sampler = EpochSampler(len(train), cfg.batch_size, cfg.seed, env.rank, env.world_size)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
 
-    def workers(dataset: Dataset) -> int:
-        if cfg.num_workers is None or holds_fixed_tensors(dataset):
-            return default_num_workers(dataset, per_node)
-        return cfg.num_workers
+    def workers(dataset: Dataset, batch_size: int, batch_collate: Callable) -> int:
+        if holds_fixed_tensors(dataset):
+            return 0
+        if cfg.num_workers is not None:
+            return cfg.num_workers
+        return default_num_workers(dataset, batch_size, batch_collate, per_node)
 
     test_loader = DataLoader(
         splits.test, batch_size=cfg.eval_batch_size,
         sampler=ShardSampler(len(splits.test), env.rank, env.world_size), collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),
-        **_worker_options(workers(splits.test), env.device))
+        **_worker_options(workers(splits.test, cfg.eval_batch_size, collate), env.device))
     return Loaders(train_dataset=train_dataset, sampler=sampler, test=test_loader,
-                   train_collate=train_collate, train_workers=workers(train), seed=cfg.seed,
-                   device=env.device, cached_collate=cached_collate)
+                   train_collate=train_collate,
+                   train_workers=workers(train_dataset, sampler.local_batch, train_collate),
+                   seed=cfg.seed, device=env.device, cached_collate=cached_collate)
