@@ -8,6 +8,9 @@ optimizer after each epoch. The hand-written loop is the one a user writes in 20
 written out with ``log_softmax``/``kl_div``/``cross_entropy``, ``torch.save`` at the epoch's end.
 
 Cases:
+  items   the cost of per-item seeding on digits' augmented items: the plain item, kdplug's seeded
+          item (one at a time, and a batch of 64 as DataLoader asks for them), and the global-RNG
+          round trip kdplug used before issue 16 (reproduced here as the baseline)
   digits  scikit-learn's digits with random shifts (``augment=1``), a 64-32-10 MLP trained alone
           with ``ce`` (no teacher), batch 64
   cifar   generated CIFAR-10-format data (``--cifar-train`` images) with random crop + flip, the
@@ -46,7 +49,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 GOAL = 1.15
-CASES = ("digits", "cifar", "lm")
+CASES = ("items", "digits", "cifar", "lm")
 BREAKDOWN = ("data", "step", "eval", "checkpoint")
 
 
@@ -252,6 +255,65 @@ def run_hand(case: str, args: argparse.Namespace, workdir: Path, workers: int) -
             "threads": torch.get_num_threads(), "accuracy": correct / max(count, 1)}
 
 
+# ----------------------------------------------------------------------------- items
+
+def former_round_trip(dataset, seed: int, epoch: int, index: int):
+    """How SeededDataset loaded an item before issue 16: every global RNG saved, torch (CPU and,
+    lazily, CUDA) and Python's random seeded, all restored."""
+    import random
+
+    import torch
+
+    from kdplug.engine.batching import mix_seed
+
+    item_seed = mix_seed(seed, epoch, index)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(item_seed)
+    random.seed(item_seed)
+    try:
+        return dataset[index]
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
+def bench_items(args: argparse.Namespace) -> None:
+    import torch
+
+    import kdplug
+    from kdplug.engine.batching import SeededDataset
+
+    torch.set_num_threads(args.threads)
+    dataset = kdplug.create_dataset("digits", augment=1).train
+    seeded = SeededDataset(dataset, 0)
+    with_python = SeededDataset(dataset, 0, python_random=True)  # as for a data set that uses it
+    indices = list(range(64))
+    ways = {
+        "plain item": lambda: [dataset[i] for i in indices],
+        "seeded, one at a time": lambda: [seeded[i] for i in indices],
+        "seeded, a batch of 64": lambda: seeded.__getitems__(indices),
+        "+ Python's random": lambda: with_python.__getitems__(indices),
+        "before issue 16": lambda: [former_round_trip(dataset, 0, 0, i) for i in indices],
+    }
+    times: Dict[str, List[float]] = {name: [] for name in ways}
+    for repeat in range(15 * args.repeats):
+        for name in (list(ways) if repeat % 2 == 0 else list(reversed(ways))):
+            started = time.perf_counter()
+            for _ in range(5):
+                ways[name]()
+            times[name].append((time.perf_counter() - started) / (5 * len(indices)))
+    plain = median(times["plain item"])
+    print(f"\nitems: digits with random shifts, seeded by (seed, epoch, index) "
+          f"({python_random_note(seeded)}); median us per item")
+    for name, values in times.items():
+        print(f"  {name:<24}{1e6 * median(values):8.1f} us   x{median(values) / plain:.2f}")
+
+
+def python_random_note(seeded) -> str:
+    return ("it draws from Python's random too" if seeded.python_random
+            else "it does not draw from Python's random")
+
+
 # ----------------------------------------------------------------------------- the driver
 
 def measure(side: str, case: str, args: argparse.Namespace, workdir: Path,
@@ -369,6 +431,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         workdir = Path(tmp)
         write_cifar(workdir / "cifar", args.cifar_train, 256)
         for case in (CASES if args.case == "all" else [args.case]):
+            if case == "items":
+                bench_items(args)
+                continue
             summary = bench_case(case, args, workdir)
             print_summary(summary)
             summaries.append(summary)

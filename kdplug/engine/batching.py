@@ -173,19 +173,22 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def item_seed(self, index: int) -> int:
+        return _mix(self._epoch_hash, index) & 0x7FFFFFFFFFFFFFFF  # mix_seed(seed, epoch, index)
+
     def __getitem__(self, index: int) -> Any:
-        return self.__getitems__([index])[0]
+        return load_seeded_item(self.dataset, index, self.item_seed(index), self.python_random)
 
     def __getitems__(self, indices: Sequence[int]) -> List[Any]:
         """A batch's items (DataLoader calls this): the RNG states are saved and restored once
-        per batch, and each item is seeded with mix_seed(seed, epoch, index)."""
+        per batch, and each item is seeded as :meth:`__getitem__` seeds it."""
         generator = torch.default_generator
         torch_state = generator.get_state()
         python_state = random.getstate() if self.python_random else None
         try:
             items = []
             for index in indices:
-                item_seed = _mix(self._epoch_hash, index) & 0x7FFFFFFFFFFFFFFF
+                item_seed = self.item_seed(index)
                 generator.manual_seed(item_seed)
                 if python_state is not None:
                     random.seed(item_seed)
