@@ -415,7 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lm-articles", type=int, default=12, help="BBC News articles (lm)")
     parser.add_argument("--before-src", default=None, help="another kdplug source tree to time")
     parser.add_argument("--json", default=None, help="also write the summaries here")
-    parser.add_argument("--child", choices=["kdplug", "hand", "before", "workers"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["kdplug", "hand", "before", "workers"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

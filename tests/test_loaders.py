@@ -92,7 +92,9 @@ def test_loaders_take_the_default_or_the_given_workers(monkeypatch):
     assert (given.train_workers, given.test.num_workers) == (0, 0)
     given = build_loaders(splits, collate, DistillConfig(batch_size=4, num_workers=2), DistEnv())
     assert (given.train_workers, given.test.num_workers) == (2, 0)  # tensors need no workers
-    with pytest.raises(kdplug.KdplugError, match="'num_workers': expected an int >= 0, got -1"):
+    with pytest.raises(kdplug.KdplugError,
+                       match=r"num_workers \(--num-workers\) must be an int >= 0, got -1"):
         DistillConfig(num_workers=-1).validate()
-    with pytest.raises(kdplug.KdplugError, match="'eval_every': expected an int >= 1, got 0"):
+    with pytest.raises(kdplug.KdplugError,
+                       match=r"eval_every \(--eval-every\) must be an int >= 1, got 0"):
         DistillConfig(eval_every=0).validate()
