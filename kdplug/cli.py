@@ -36,7 +36,14 @@ class KdplugGroup(click.Group):
             warnings.showwarning = _plugin_warnings_as_messages(warnings.showwarning)
             try:
                 return super().invoke(ctx)
+            except KeyboardInterrupt:  # Ctrl-C outside a run's training (there it checkpoints)
+                _say_interrupted(INTERRUPTED.get(ctx.invoked_subcommand, "Interrupted by Ctrl-C"))
+                ctx.exit(130)
             except KdplugError as exc:
+                status = getattr(exc, "exit_status", None)  # a run stopped by a signal
+                if status is not None:
+                    _say_interrupted(str(exc))
+                    ctx.exit(status)
                 raise click.ClickException(str(exc)) from exc
 
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
@@ -71,6 +78,20 @@ class KdplugGroup(click.Group):
                                   f"with KDPLUG_DISABLE_PLUGINS=<plugin>")
             self.add_command(found.command, found.name)
             owners[found.name] = found.plugin
+
+
+#: what Ctrl-C before (or outside) a run's training leaves behind, per command
+INTERRUPTED = {
+    "distill": "Interrupted by Ctrl-C before training began: nothing was saved; run the same "
+               "command again (with --resume auto it continues a run that has checkpoints)",
+    "cache-teacher": "Interrupted by Ctrl-C: the chunks written so far are kept; the same "
+                     "command plus --resume finishes the cache",
+}
+
+
+def _say_interrupted(message: str) -> None:
+    if _is_rank_zero():
+        click.echo(message, err=True)
 
 
 def _plugin_warnings_as_messages(show: Callable[..., None]) -> Callable[..., None]:

@@ -25,7 +25,10 @@ def click_option(item: Setting) -> Callable[[Callable], Callable]:
     shown = "" if item.shown_default is None else f"  [default: {item.shown_default}]"
     kwargs: Dict[str, Any] = {"default": None, "help": item.help + shown,
                               "required": item.required}
-    if item.type is bool:
+    if item.bare is not None:
+        kwargs.update(is_flag=False, flag_value=item.bare,
+                      type=click.Choice([item.bare, *item.choices]))
+    elif item.type is bool:
         if item.negatable:
             decls[0] = f"{item.long_flag}/--no-{item.long_flag[2:]}"
         else:

@@ -23,7 +23,7 @@ def setting(default: Any = None, *, help: str, default_factory: Any = dataclasse
             choices: Optional[Tuple[str, ...]] = None, short: Optional[str] = None,
             path: Optional[str] = None, flag: Optional[str] = None, negatable: bool = False,
             required: bool = False, default_text: Optional[str] = None,
-            metavar: Optional[str] = None) -> Any:
+            metavar: Optional[str] = None, bare: Optional[str] = None) -> Any:
     """A dataclass field with what the CLI needs to offer it.
 
     help: one sentence, shown by ``--help`` (the default is shown after it).
@@ -32,10 +32,12 @@ def setting(default: Any = None, *, help: str, default_factory: Any = dataclasse
     negatable: a bool with ``--x/--no-x`` (default: ``--x`` alone, a switch that turns it on).
     required: the command needs it (the Python API says which are missing).
     default_text: what the default means when it is None (``"= --epochs"``).
+    bare: an option whose value may be left out: ``--resume`` alone means ``bare``, ``--resume
+    auto`` one of ``choices``.
     """
     info = {"help": help, "choices": choices, "short": short, "path": path, "flag": flag,
             "negatable": negatable, "required": required, "default_text": default_text,
-            "metavar": metavar}
+            "metavar": metavar, "bare": bare}
     if path not in (None, "file", "dir"):
         raise ValueError(f"setting path must be 'file' or 'dir', got {path!r}")
     if default_factory is not dataclasses.MISSING:
@@ -60,6 +62,7 @@ class Setting:
     required: bool = False
     default_text: Optional[str] = None
     metavar: Optional[str] = None
+    bare: Optional[str] = None
 
     @property
     def long_flag(self) -> str:
@@ -126,6 +129,10 @@ def declared_problem(obj: Any) -> Optional[Tuple[str, str]]:
     for item in settings_of(type(obj)):
         value = getattr(obj, item.name)
         if value is None and item.optional:
+            continue
+        if item.bare is not None:  # a switch that may also take one of its choices
+            if not (isinstance(value, bool) or value in (item.bare, *item.choices)):
+                return item.name, "true, false or one of " + ", ".join(item.choices)
             continue
         check = _TYPE_CHECKS.get(item.type)
         if check is not None and not check[1](value):

@@ -20,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import tomli_w
 
@@ -82,7 +82,11 @@ class DistillConfig:
                                                          "on the labels (same budget and seed).")
     out: Optional[str] = setting(None, path="dir", default_text="runs/distill-<time>",
                                  help="Output folder.")
-    resume: bool = setting(False, help="Continue the run in --out.")
+    resume: Union[bool, str] = setting(
+        False, bare="true", choices=("auto", "false"),
+        help="Continue the run in --out (its checkpoints must come from the same settings). "
+             "auto: the same where out holds a checkpoint, a fresh start where it holds none "
+             "(for job scripts that a scheduler restarts).")
     overwrite: bool = setting(False, help="Start over in an --out that holds a run.")
     seed: int = setting(0, help="Random seed (initial weights, data order, augmentation).")
     batch_size: int = setting(64, help="Global batch size (split across processes under "
@@ -100,7 +104,10 @@ class DistillConfig:
     lr_milestones: str = setting("", help="Epochs after which the step schedule multiplies the "
                                           "LR by --lr-decay, comma-separated (e.g. 150,180,210).")
     lr_decay: float = setting(0.1, help="The step schedule's LR factor at each milestone.")
-    warmup_steps: int = setting(0, help="Linear LR warm-up steps.")
+    warmup_steps: int = setting(0, help="Linear LR warm-up steps (optimizer steps).")
+    grad_accum_steps: int = setting(1, help="Micro-batches of --batch-size per optimizer step "
+                                            "(K of B train as one batch of K*B; the schedule and "
+                                            "--checkpoint-every count optimizer steps).")
     grad_clip: Optional[float] = setting(None, default_text="none", help="Max gradient norm.")
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
     amp: str = setting("none", choices=AMP_MODES,
@@ -175,6 +182,8 @@ class DistillConfig:
             flag = "--" + key.replace("_", "-")  # given as a keyword or on the command line
             return ConfigError(f"{key} ({flag}) must be {expected}, got {value!r}")
 
+        if self.resume in ("true", "false"):  # the CLI's spelling of the switch
+            self.resume = self.resume == "true"
         problem = declared_problem(self)  # what the declarations say: types and choices
         if problem:
             raise bad(*problem)
@@ -186,7 +195,8 @@ class DistillConfig:
         except KdplugError as exc:
             raise ConfigError(str(exc)) from None
         for key, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
-                         ("warmup_steps", 0), ("num_workers", 0), ("checkpoint_every", 0),
+                         ("warmup_steps", 0), ("grad_accum_steps", 1), ("num_workers", 0),
+                         ("checkpoint_every", 0),
                          ("eval_every", 1),
                          ("teacher_epochs", 0), ("threads", 1)):
             value = getattr(self, key)

@@ -30,6 +30,7 @@ from .batching import (EpochItems, EpochKeys, EpochSampler, SeededDataset, Shard
                        holds_fixed_tensors, load_items, needs_seeding)
 from .config import DistillConfig
 from .distributed import DistEnv
+from .interrupt import ignore_ctrl_c
 
 __all__ = ["Loaders", "build_loaders", "default_num_workers", "batch_load_seconds",
            "MAX_DEFAULT_WORKERS"]
@@ -91,7 +92,8 @@ def batch_load_seconds(dataset: Dataset, batch_size: int, collate: Callable) -> 
 def _worker_options(workers: int, device: torch.device) -> Dict[str, Any]:
     options: Dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers:
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES)
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES,
+                       worker_init_fn=ignore_ctrl_c)
     return options
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_ev
 from .config import DistillConfig
 from .distributed import DistEnv
 from .evaluate import evaluate
+from .interrupt import RunInterrupted, StopSignals
 from .meters import EPOCH_PARTS, EpochClock, RunningLoss
 
 __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
-           "autocast_factory", "announce_epoch"]
+           "autocast_factory", "announce_epoch", "optimizer_steps_per_epoch",
+           "accumulation_group"]
 
 #: how often (seconds) the progress bar shows the running loss: each time is a read of it
 PROGRESS_SECONDS = 0.5
@@ -100,6 +103,18 @@ def make_schedule(cfg: DistillConfig, total_steps: int,
     return factor
 
 
+def optimizer_steps_per_epoch(batches: int, accum: int) -> int:
+    """An epoch's optimizer steps: its batches in groups of ``accum`` (the last may be short)."""
+    return -(-batches // accum)
+
+
+def accumulation_group(step: int, batches: int, accum: int) -> range:
+    """The micro-batches (0-based batch numbers of the epoch) that share an optimizer step with
+    batch ``step``; each weighs 1/len of it in the summed gradient."""
+    start = step - step % accum
+    return range(start, min(start + accum, batches))
+
+
 def announce_epoch(loss: Any, epoch: int) -> None:
     """The engine's epoch hook: a loss with ``set_epoch(epoch)`` (DKD's warm-up) learns the
     0-based epoch that begins, in every phase and on resume."""
@@ -161,6 +176,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.autocast = autocast_factory(cfg.amp, env.device)
         self._loss_total = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
+        self._accumulated = 0  # micro-batches whose gradients wait for the optimizer step
         #: one process on the CPU: reading a tensor's value waits for nothing
         self.reads_are_free = env.device.type == "cpu" and not env.distributed
 
@@ -169,13 +185,22 @@ class Trainer:
 
     def train_step(self, batch: Dict[str, Any], where: str = "",
                    step_seed: int = 0) -> torch.Tensor:
-        """One optimizer step on ``batch`` (already on the device); returns the loss as a
-        detached scalar tensor where it was computed: nothing waits for its value. ``step_seed``
-        draws the step's transfer-set augmentation (the same inputs reach teacher and student).
+        """One optimizer step on ``batch`` (already on the device): :meth:`micro_step` with the
+        whole batch as the only micro-batch."""
+        return self.micro_step(batch, where, step_seed)
 
-        Where reading the value costs nothing (one process on the CPU), a non-finite loss raises
-        before the step is applied; otherwise :class:`PhaseRun` checks the summed loss whenever
-        it reads it, before any checkpoint."""
+    def micro_step(self, batch: Dict[str, Any], where: str = "", step_seed: int = 0,
+                   weight: float = 1.0, last: bool = True) -> torch.Tensor:
+        """Forward and backward of one micro-batch, its loss scaled by ``weight`` (1/K of a
+        group of K: K micro-batches of B then sum the gradients of one batch of K·B); ``last``
+        applies the optimizer step and advances the schedule. Under torchrun the gradients are
+        synchronised on the last micro-batch only (DDP's ``no_sync`` on the others).
+
+        Returns the (unscaled) loss as a detached scalar tensor where it was computed: nothing
+        waits for its value. ``step_seed`` draws the transfer-set augmentation (the same inputs
+        reach teacher and student). Where reading the value costs nothing (one process on the
+        CPU), a non-finite loss raises before anything is applied; otherwise :class:`PhaseRun`
+        checks the summed loss whenever it reads it, before any checkpoint."""
         batch = augment_batch(batch, self.kd_augment, seed=step_seed,
                               mixup_alpha=self.cfg.kd_mixup_alpha)
         teacher_out = None
@@ -187,34 +212,52 @@ class Trainer:
             if teacher_out is None:
                 raise KdplugError(f"phase {self.phase!r} {where}: the batch holds no cached "
                                   "teacher outputs (a teacher cache run needs its loader)")
-        with self.autocast():
-            loss = self.forward(batch, teacher_out)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise KdplugError(f"the loss {type(self.loss).__name__} returned "
-                              f"{type(loss).__name__}{list(getattr(loss, 'shape', []))}; "
-                              "expected a scalar tensor")
-        if self.reads_are_free:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value}) in phase {self.phase!r} {where}: the run stopped "
-                    "before applying this step; the last good checkpoint is kept. Try a lower "
-                    "lr, grad_clip, or amp none.", self.phase, -1, -1)
-        self.optimizer.zero_grad(set_to_none=True)
+        sync = contextlib.nullcontext() if last or not self.env.distributed else \
+            self.forward.no_sync()
+        with sync:
+            with self.autocast():
+                loss = self.forward(batch, teacher_out)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise KdplugError(f"the loss {type(self.loss).__name__} returned "
+                                  f"{type(loss).__name__}{list(getattr(loss, 'shape', []))}; "
+                                  "expected a scalar tensor")
+            if self.reads_are_free:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({value}) in phase {self.phase!r} {where}: the run "
+                        "stopped before applying this step; the last good checkpoint is kept. "
+                        "Try a lower lr, grad_clip, or amp none.", self.phase, -1, -1)
+            if not self._accumulated:
+                self.optimizer.zero_grad(set_to_none=True)
+            scaled = loss if weight == 1.0 else loss * weight
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            elif weight == 1.0:
+                backward_with_unit_gradient(loss)
+            else:
+                scaled.backward()
+        self._accumulated += 1
+        if last:
+            self._apply()
+        return loss.detach()
+
+    def _apply(self) -> None:
+        """The optimizer step on the gradients summed so far (clipped, unscaled), the schedule's
+        step; the gradients are then dropped."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if self.cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            backward_with_unit_gradient(loss)
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.optimizer.step()
         self.scheduler.step()
-        return loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
 
     def loss_value(self, loss: torch.Tensor) -> float:
         """A step's loss as a number, averaged over processes (a read, and under torchrun a
@@ -294,6 +337,7 @@ class PhaseRun:
     callbacks: Sequence[Any] = ()
     log: Callable[[str], None] = lambda line: None
     show_progress: bool = False
+    stop: Optional[StopSignals] = None  # SIGTERM/SIGINT: checkpoint after the step, then stop
     history: List[Dict[str, Any]] = field(default_factory=list)
     _epoch_loader_state: Optional[torch.Tensor] = None
     _shown: float = float("-inf")  # when the progress bar last showed the loss
@@ -323,7 +367,14 @@ class PhaseRun:
             seed_everything(self.seed + self.env.rank)
             if self._loader_generator is not None:  # each phase's draws start afresh
                 self._loader_generator.manual_seed(self.seed)
-        every = trainer.cfg.checkpoint_every
+        every, accum = trainer.cfg.checkpoint_every, trainer.cfg.grad_accum_steps
+        steps_per_epoch = optimizer_steps_per_epoch(per_epoch, accum)
+        if start_step % accum and start_step < per_epoch:
+            raise KdplugError(
+                f"{self.checkpoint_path}: saved after micro-batch {start_step} of epoch "
+                f"{start_epoch + 1}, inside a group of grad_accum_steps={accum}, whose summed "
+                "gradients a checkpoint does not hold: it cannot be resumed exactly. Resume "
+                "with the grad_accum_steps it was written with, or --overwrite to start over")
         step_hooks = [hook for hook in (getattr(cb, "on_step", None) for cb in self.callbacks)
                       if hook is not None]
         try:
@@ -348,9 +399,12 @@ class PhaseRun:
                 for batch in batches(self.train_loader, self.env.device, f"{self.phase} training"):
                     clock.tick("data")
                     where = f"epoch {epoch + 1}, step {step + 1}"
+                    group = accumulation_group(step, per_epoch, accum)
+                    last = step + 1 == group.stop
                     try:
-                        loss = trainer.train_step(batch, where, mix_seed(self.seed, epoch, step,
-                                                                         self.env.rank))
+                        loss = trainer.micro_step(batch, where,
+                                                  mix_seed(self.seed, epoch, step, self.env.rank),
+                                                  weight=1.0 / len(group), last=last)
                     except NonFiniteLossError as exc:
                         raise NonFiniteLossError(str(exc), self.phase, epoch + 1,
                                                  step + 1) from None
@@ -360,15 +414,23 @@ class PhaseRun:
                     if bar is not None:
                         self._show_progress(bar, running, samples, started)
                     clock.tick("step")
-                    global_step = epoch * per_epoch + step
-                    if every and global_step % every == 0 and step < per_epoch:
+                    saved = False
+                    global_step = (epoch * steps_per_epoch  # optimizer steps so far
+                                   + optimizer_steps_per_epoch(step, accum))
+                    if last and every and global_step % every == 0 and step < per_epoch:
                         self.save(epoch, step, self._checked_sum(running, epoch), running.steps)
+                        saved = True
                         clock.tick("checkpoint")
                     if step_hooks:  # a callback that wants each step's loss reads it
                         value = trainer.loss_value(loss)
                         for hook in step_hooks:
                             hook(phase=self.phase, epoch=epoch + 1, step=step, loss=value)
                         clock.tick("step")
+                    if last and step < per_epoch and self._stop_signal() is not None:
+                        if not saved:
+                            self.save(epoch, step, self._checked_sum(running, epoch),
+                                      running.steps)
+                        raise self._interrupted(epoch, step)
                 if bar is not None:
                     bar.close()
                 elapsed = time.perf_counter() - started
@@ -395,9 +457,25 @@ class PhaseRun:
                     hook = getattr(cb, "on_epoch_end", None)
                     if hook is not None:
                         hook(phase=self.phase, epoch=epoch + 1, metrics=dict(record))
+                if epoch + 1 < self.epochs and self._stop_signal() is not None:
+                    raise self._interrupted(epoch + 1, 0)
         finally:
             trainer.release()
         return self.history
+
+    def _stop_signal(self) -> Optional[int]:
+        """The signal that stops the run after this step, agreed by every process."""
+        return None if self.stop is None else self.stop.agreed(self.env)
+
+    def _interrupted(self, epoch: int, step: int) -> RunInterrupted:
+        """The error that ends an interrupted phase, once its checkpoint is written."""
+        name = signal.Signals(self.stop.signum).name
+        where = (f"after step {step} of {self.sampler.batches_per_epoch} in epoch {epoch + 1}"
+                 if step else f"after epoch {epoch} of {self.epochs}")
+        return RunInterrupted(
+            f"Interrupted by {name}: the {self.phase} phase stopped {where}; saved {self.checkpoint_path} "
+            "(with every earlier phase's checkpoint). Run the same command with --resume auto "
+            "(or --resume) to continue from there.", self.stop.signum)
 
     def _checked_sum(self, running: RunningLoss, epoch: int) -> float:
         """The epoch's summed loss so far (a read; under torchrun a collective); a non-finite

@@ -23,7 +23,8 @@ from .config import DistillConfig
 from .distributed import DistEnv
 from .evaluate import evaluate
 from .loaders import Loaders
-from .loop import PhaseRun, Trainer, autocast_factory
+from .interrupt import StopSignals
+from .loop import PhaseRun, Trainer, autocast_factory, optimizer_steps_per_epoch
 from .results import PhaseResult
 from .run_folder import RunFolder
 
@@ -47,6 +48,7 @@ class Phases:
     log: Callable[[str], None]
     show_progress: bool
     cache: Optional[TeacherCache] = None  # a teacher cache stands for the teacher
+    stop: Optional[StopSignals] = None  # SIGTERM/SIGINT end a phase after a checkpoint
 
     def train(self, phase: str, model: nn.Module, loss: Callable, teacher: Optional[nn.Module],
               epochs: int, lr: float, seed_key: int) -> PhaseResult:
@@ -68,17 +70,18 @@ class Phases:
         if self.cache is not None:  # only the distilled student reads the cached targets
             self.loaders.read_cached_targets(cached and getattr(loss, "uses_teacher", True))
             teacher = None
-        trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr,
-                          total_steps=epochs * self.loaders.sampler.batches_per_epoch,
+        steps = optimizer_steps_per_epoch(self.loaders.sampler.batches_per_epoch,
+                                          cfg.grad_accum_steps)
+        trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr, total_steps=epochs * steps,
                           teacher=teacher, phase=phase, cached_teacher=cached,
-                          steps_per_epoch=self.loaders.sampler.batches_per_epoch)
+                          steps_per_epoch=steps)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
             test_loader=self.loaders.test, epochs=epochs, task=self.splits.task,
             seed=mix_seed(cfg.seed, seed_key), checkpoint_path=path, identity=cfg.identity(),
             on_record=self.folder.add_record, callbacks=self.callbacks, log=self.log,
-            show_progress=self.show_progress)
+            show_progress=self.show_progress, stop=self.stop)
         history = run.run(resume)
         return self._result(phase, model, history, "trained", epochs, path)
 

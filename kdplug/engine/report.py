@@ -13,7 +13,7 @@ from ..errors import MissingExtraWarning
 from .checkpoint import atomic_write_text
 from .config import DistillConfig, to_toml
 
-__all__ = ["write_metrics", "write_report", "write_config", "plot_curves", "build_report",
+__all__ = ["write_metrics", "write_report", "write_config", "write_status", "plot_curves", "build_report",
            "write_outputs", "format_table", "PHASE_LABELS"]
 
 PHASE_LABELS = {"teacher": "teacher", "scratch": "student (scratch)",
@@ -39,6 +39,15 @@ def write_config(out: Path, config: Mapping[str, Any]) -> None:
     rerun = {k: v for k, v in config.items() if k not in ("resume", "overwrite")}
     atomic_write_text("# the resolved config of this run; rerun with --config\n" + to_toml(rerun),
                       out / "config.toml")
+
+
+def write_status(out: Path, state: str, detail: str = "") -> None:
+    """status.json: what became of the run (running, interrupted, failed, done) and when."""
+    import datetime
+
+    status = {"status": state, "detail": detail,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(json.dumps(status, indent=2) + "\n", out / "status.json")
 
 
 def _jsonable(value: Any) -> Any:

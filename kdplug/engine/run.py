@@ -34,6 +34,7 @@ from .components import Components, Source, build_components, build_data, check_
 from .config import ConfigError, DistillConfig, resolve_config
 from .distributed import DistEnv, setup
 from .evaluate import time_inference
+from .interrupt import RunInterrupted, StopSignals
 from .loaders import build_loaders
 from .loop import announce_epoch, autocast_factory
 from .phases import SEED_STUDENT_PHASE, SEED_TEACHER_PHASE, Phases
@@ -80,14 +81,15 @@ def distill(teacher: Any = None, student: Any = None, data: Any = None, loss: An
         torch.set_num_threads(cfg.threads)
     env = setup(cfg.device)
     try:
-        return _run(cfg, objects, env, list(callbacks))
+        with StopSignals() as stop:  # SIGTERM/SIGINT: checkpoint after the step, then stop
+            return _run(cfg, objects, env, list(callbacks), stop)
     finally:
         env.teardown()
         torch.set_num_threads(threads)
 
 
 def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
-         callbacks: List[Any]) -> DistillResult:
+         callbacks: List[Any], stop: StopSignals) -> DistillResult:
     quiet = cfg.quiet or not env.is_main
     log = _stderr_log(quiet)
     # names first: an unknown one fails before anything is built or written
@@ -100,13 +102,14 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     preflight.check_data(splits, cfg, env)
     parts = build_components(cfg, sources, splits, env)
     try:
-        return _run_parts(cfg, env, callbacks, log, quiet, folder, parts)
+        return _run_parts(cfg, env, callbacks, log, quiet, folder, parts, stop)
     finally:
         detach_models(parts.loss)  # the hooks of features by module path come off
 
 
 def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Callable[[str], None],
-               quiet: bool, folder: RunFolder, parts: Components) -> DistillResult:
+               quiet: bool, folder: RunFolder, parts: Components,
+               stop: StopSignals) -> DistillResult:
     cache = None
     if cfg.teacher_cache:
         cache = _open_cache(cfg, env, parts)
@@ -116,13 +119,30 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
     preflight.dry_run(teacher if cache is None else DryRunTeacher(cache), parts.student.model,
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
     folder.open(cfg)  # every check has passed: the first write to out
+    try:
+        result = _train_and_finish(cfg, env, callbacks, log, quiet, folder, parts, cache,
+                                   teacher, stop)
+    except RunInterrupted as exc:
+        folder.write_status("interrupted", str(exc))
+        raise
+    except BaseException as exc:
+        folder.write_status("failed", f"{type(exc).__name__}: {exc}", quiet=True)
+        raise
+    folder.write_status("done")
+    return result
+
+
+def _train_and_finish(cfg: DistillConfig, env: DistEnv, callbacks: List[Any],
+                      log: Callable[[str], None], quiet: bool, folder: RunFolder,
+                      parts: Components, cache: Optional[TeacherCache],
+                      teacher: Optional[torch.nn.Module], stop: StopSignals) -> DistillResult:
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
     if cfg.num_workers is None and loaders.train_workers:
         log(f"data: {loaders.train_workers} worker process(es) load the training items "
             "(--num-workers to choose)")
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
                     callbacks=callbacks, log=log, cache=cache,
-                    show_progress=not quiet and sys.stderr.isatty())
+                    show_progress=not quiet and sys.stderr.isatty(), stop=stop)
 
     if cache is not None:
         teacher_result = phases.cached_teacher()

@@ -25,7 +25,8 @@ __all__ = ["RunFolder", "OUTPUT_FILES"]
 #: The phases in the order they run (their checkpoints are checked in it).
 PHASES = ("teacher", "student", "scratch")
 #: What a run writes besides checkpoints/ (removed by --overwrite).
-OUTPUT_FILES = ("report.json", "metrics.jsonl", "curves.png", "config.json", "config.toml")
+OUTPUT_FILES = ("report.json", "metrics.jsonl", "curves.png", "config.json", "config.toml",
+                "status.json")
 
 
 @dataclass
@@ -61,8 +62,11 @@ class RunFolder:
         if cfg.resume:
             for name in sorted(existing, key=_phase_order):
                 check_resumable(ckpt_dir / name, cfg)
+            if not existing and cfg.resume != "auto":
+                raise KdplugError(f"--resume: {out} holds no checkpoint to continue; "
+                                  "--resume auto starts a fresh run where there is none")
             if not existing:
-                log(f"resume: no checkpoint in {ckpt_dir} yet; starting the run")
+                log(f"resume auto: no checkpoint in {ckpt_dir}; starting the run")
         if cfg.overwrite:
             folder.overwritten = existing
         env.on_main(lambda: check_writable(out))
@@ -76,6 +80,7 @@ class RunFolder:
         def start() -> None:
             with creating_folder(self.path):
                 reporting.write_config(self.path, self.resolved_config(cfg))
+                reporting.write_status(self.path, "running")
                 if cfg.overwrite:
                     for name in self.overwritten:
                         (self.checkpoints / name).unlink(missing_ok=True)
@@ -84,6 +89,17 @@ class RunFolder:
                             (self.path / name).unlink(missing_ok=True)
 
         self.env.on_main(start)
+
+    def write_status(self, state: str, detail: str = "", quiet: bool = False) -> None:
+        """status.json: running, interrupted (and how to resume), failed (and why) or done.
+        ``quiet``: a status that cannot be written is let go (the run's own error matters)."""
+        if not self.env.is_main:
+            return
+        try:
+            reporting.write_status(self.path, state, detail)
+        except (OSError, KdplugError):
+            if not quiet:
+                raise
 
     def resolved_config(self, cfg: DistillConfig) -> Dict[str, Any]:
         return cfg.to_dict() | {"out": str(self.path)}
