@@ -1,9 +1,12 @@
 """Files that appear whole or not at all: checkpoints, reports, a cache's chunks and manifest."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import IO, Callable
+
+from .errors import KdplugError
 
 
 def tmp_path(path: Path) -> Path:
@@ -18,20 +21,37 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb",
     ``durable=False`` leaves out the fsyncs: still whole or absent after a killed process, but
     not after a power cut (for files a run rewrites from its checkpoints)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, permission denied, …: name the file and the cause
+        raise WriteError(path, exc) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     if durable:
         fsync_dir(path.parent)
+
+
+class WriteError(KdplugError, OSError):
+    """A file could not be written; the previous complete one (if any) is still in place."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        code = f"{errno.errorcode[cause.errno]}: " if cause.errno in errno.errorcode else ""
+        kept = ("the previous complete file is kept" if path.exists()
+                else "no earlier version exists")
+        KdplugError.__init__(self, f"cannot write {str(path)!r} ({code}{reason}); {kept}. Free "
+                                   "space or fix the folder's permissions, then run the same "
+                                   "command again (with --resume to continue)")
+        self.path, self.cause = path, cause
+        self.errno = cause.errno
 
 
 def fsync_dir(folder: Path) -> None:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 import kdplug
 from kdplug.cache import (CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError,
                           cache_teacher, open_cache)
+from kdplug.cache.format import seal_manifest
 from kdplug.cli import cli
 from kdplug.data import DataSplits
 from kdplug.engine import distill
@@ -299,15 +300,15 @@ def edited_copy(tmp_path, cache, edit):
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    edit(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    edit(manifest)  # resealed: what is tested is the edit, not the manifest's own checksum
+    (copy / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     return copy
 
 
 def test_format_version_and_split_are_checked(tmp_path, dense_cache):
     old = edited_copy(tmp_path, dense_cache, lambda m: m.update(format_version=0))
     error = mismatch(tmp_path, old)
-    assert "format_version: 0 in the cache, 1 in this kdplug" in str(error)
+    assert "format_version: 0 in the cache, 2 in this kdplug" in str(error)
     shutil.rmtree(old)
     other = edited_copy(tmp_path, dense_cache, lambda m: m["data"].update(split="test"))
     assert "data.split: 'test' in the cache, 'train' in this run" in str(mismatch(tmp_path, other))

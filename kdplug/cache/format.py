@@ -20,6 +20,7 @@ sample for classification, one per real (non-padding) token for sequences.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,17 +30,20 @@ from typing import Any, Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from .._atomic import atomic_write, fsync_dir, tmp_path
+from .._atomic import WriteError, atomic_write, fsync_dir, tmp_path
 from .errors import CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "PLAN", "CHUNK_DIR", "DTYPES", "CacheError",
            "CacheMismatchError", "CacheCorruptError", "CacheIncompleteError", "unit_stem",
-           "chunk_ranges", "file_digest", "write_npy", "atomic_write_json", "read_json",
+           "chunk_ranges", "file_digest", "write_npy", "MANIFEST_CHECKSUM", "manifest_digest",
+           "seal_manifest", "atomic_write_json", "read_json",
            "to_storage", "from_storage", "index_dtype", "flatten", "describe_differences"]
 
 FORMAT = "kdplug-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 MANIFEST = "manifest.json"
+#: the manifest's key for the checksum of the rest of it
+MANIFEST_CHECKSUM = "manifest_blake2b"
 PLAN = "cache-plan.json"
 CHUNK_DIR = "chunks"
 #: storage dtype name -> numpy dtype on disk (bfloat16 is kept as its raw 16 bits)
@@ -68,12 +72,37 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The blake2b checksum of a manifest's canonical JSON, its own checksum left out."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.blake2b(text.encode("ascii"), digest_size=32).hexdigest()
+
+
+def seal_manifest(manifest: Mapping[str, Any]) -> Dict[str, Any]:
+    """The manifest with its checksum: a later change or a damaged byte is seen on opening."""
+    return {**manifest, MANIFEST_CHECKSUM: manifest_digest(manifest)}
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _reserve(path: Path) -> None:
+    """Allocates a memory-mapped file's blocks now: a full disk is then an OSError here, not a
+    SIGBUS at the first write through the map (where the file system can say so at all)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 class NpyWriter:
@@ -84,21 +113,31 @@ class NpyWriter:
         self.path, self.root = Path(path), Path(root)
         self.tmp = tmp_path(self.path)
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
-        if int(np.prod(self.shape)) == 0:  # an empty map cannot be mmap'ed
-            self.array = np.zeros(self.shape, self.dtype)
-        else:
-            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype,
-                                                   shape=self.shape)
+        self.array = None
+        try:
+            if int(np.prod(self.shape)) == 0:  # an empty map cannot be mmap'ed
+                self.array = np.zeros(self.shape, self.dtype)
+            else:
+                self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype,
+                                                       shape=self.shape)
+                _reserve(self.tmp)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(self.path, exc) from exc
 
     def close(self) -> Dict[str, Any]:
-        if isinstance(self.array, np.memmap):
-            self.array.flush()
-            del self.array
-        else:
-            with open(self.tmp, "wb") as f:
-                np.save(f, self.array)
-        _fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
+        try:
+            if isinstance(self.array, np.memmap):
+                self.array.flush()
+                del self.array
+            else:
+                with open(self.tmp, "wb") as f:
+                    np.save(f, self.array)
+            _fsync_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(self.path, exc) from exc
         return {"path": self.path.relative_to(self.root).as_posix(),
                 "bytes": self.path.stat().st_size, "shape": list(self.shape),
                 "dtype": self.dtype.str, HASH: file_digest(self.path)}

@@ -13,9 +13,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .format import (CHUNK_DIR, FORMAT, FORMAT_VERSION, HASH, MANIFEST, PLAN, CacheCorruptError,
-                     CacheError, CacheIncompleteError, CacheMismatchError, describe_differences,
-                     file_digest, from_storage, read_json, short)
+from .format import (CHUNK_DIR, FORMAT, FORMAT_VERSION, HASH, MANIFEST, MANIFEST_CHECKSUM, PLAN,
+                     CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError,
+                     describe_differences,
+                     file_digest, from_storage, manifest_digest, read_json, short)
 from .targets import DENSE_KEY, TOPK_KEYS
 
 __all__ = ["TeacherCache", "open_cache", "VERIFY_MODES"]
@@ -111,6 +112,15 @@ class TeacherCache:
                 f"({m.get('kdplug_version')!r} wrote it). Rebuild it with this kdplug's "
                 "`kdplug cache-teacher`.", {"format_version": (m.get("format_version"),
                                                                 FORMAT_VERSION)})
+        recorded = m.get(MANIFEST_CHECKSUM)
+        if recorded != manifest_digest(m):
+            found = ("records none" if recorded is None
+                     else f"records {str(recorded)[:16]}…, its content gives "
+                          f"{manifest_digest(m)[:16]}…")
+            raise CacheCorruptError(
+                f"{self._where()}: {MANIFEST} does not match its own checksum (it {found}): it "
+                "was changed or damaged after cache-teacher wrote it. Rebuild the cache with "
+                "`kdplug cache-teacher … --overwrite`")
         for key in ("teacher", "data", "transform", "storage", "chunks"):
             if key not in m:
                 raise CacheCorruptError(f"{self._where()}: {MANIFEST} has no {key!r} section; "

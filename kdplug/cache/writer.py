@@ -38,8 +38,8 @@ from ..errors import KdplugError
 from .config import CacheConfig
 from .format import (CHUNK_DIR, DTYPES, FORMAT, FORMAT_VERSION, HASH, MANIFEST, PLAN, CacheError,
                      CacheMismatchError, NpyWriter, atomic_write_json, canonical, chunk_ranges,
-                     describe_differences, file_digest, fsync_dir, index_dtype, read_json, short,
-                     to_storage, unit_stem, write_npy)
+                     describe_differences, file_digest, fsync_dir, index_dtype, read_json,
+                     seal_manifest, short, to_storage, unit_stem, write_npy)
 from .hashing import order_fingerprint, transform_info, weights_hash
 
 __all__ = ["cache_teacher", "CacheResult", "IDENTITY_SECTIONS"]
@@ -519,6 +519,7 @@ class _Writer:
         manifest["rows"] = sum(int(r["rows"]) for r in records)
         manifest["bytes"] = sum(int(f["bytes"]) for r in records for f in r["files"].values())
         manifest["teacher_eval"] = teacher_eval
+        manifest = seal_manifest(manifest)
         atomic_write_json(manifest, self.out / MANIFEST)
         (self.out / PLAN).unlink(missing_ok=True)
         fsync_dir(self.out)
