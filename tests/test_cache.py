@@ -506,3 +506,33 @@ def test_cli_cache_teacher_then_distill(tmp_path, ckpt):
         "cache-teacher", "--teacher", "cnn-teacher", "--data", "cache-gen", "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Error: " in result.output and "already holds a complete teacher cache" in result.output
+
+
+def test_zero_and_two_workers_give_the_same_cached_batches(dense_cache):
+    """The cache's items and its targets pickle into worker processes and come back the same."""
+    from kdplug.engine.batching import collate
+    from kdplug.engine.config import DistillConfig
+    from kdplug.engine.distributed import DistEnv
+    from kdplug.engine.loaders import build_loaders
+
+    splits = generated()
+    got = {}
+    for workers in (0, 2):
+        loaders = build_loaders(splits, collate, DistillConfig(num_workers=workers, batch_size=16,
+                                                               seed=1),
+                                DistEnv(), open_cache(dense_cache))
+        loaders.read_cached_targets(True)
+        loader = loaders.train_loader()
+        assert loader.num_workers == workers
+        got[workers] = []
+        for epoch in range(2):
+            loaders.sampler.set_epoch(epoch)
+            loaders.train_dataset.set_epoch(epoch)
+            got[workers].append(list(loader))
+    for epoch_0, epoch_2 in zip(got[0], got[2]):
+        assert len(epoch_0) == len(epoch_2) == 4
+        for a, b in zip(epoch_0, epoch_2):
+            assert a.keys() == b.keys() and {"inputs", "labels", "teacher_logits"} <= set(a)
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert torch.equal(a[key], b[key]), key
