@@ -102,3 +102,91 @@ def test_torchrun_two_processes_match_one(tmp_path, site):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
         assert b["test_samples"] == a["test_samples"] == 64  # every test item counted once
     assert (tmp_path / "two" / "checkpoints" / "student.pt").is_file()
+
+
+RESTARTED = '''
+import os, signal, sys
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+import kdplug
+from kdplug.data import DataSplits
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(320, 8, generator=g), torch.randint(0, 3, (320,), generator=g)
+    return DataSplits(train=TensorDataset(x[:256], y[:256]), test=TensorDataset(x[256:], y[256:]),
+                      num_classes=3, input_shape=(8,))
+
+
+def mlp(hidden, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+class KillOnce:
+    """Rank 1 dies by SIGKILL mid-epoch in the first attempt only."""
+
+    def on_step(self, phase, epoch, step, loss):
+        if ((phase, epoch, step) == ("student", 2, 5) and os.environ["RANK"] == "1"
+                and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+RUN = dict(loss="kd+ce", epochs=2, teacher_epochs=0, lr=0.01, seed=2, checkpoint_every=1)
+
+if __name__ == "__main__":
+    kdplug.distill(teacher=mlp(32, 1), student=mlp(8, 2), data=data(), **RUN, batch_size=32,
+                   grad_accum_steps=2, device="cpu", out=sys.argv[1], resume="auto",
+                   callbacks=[KillOnce()])
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_finishes_the_run(tmp_path):
+    """2 processes (gloo), micro-batches of 16 per process, 2 per optimizer step (DDP's no_sync
+    on the first): rank 1 is SIGKILLed mid-epoch, torchrun restarts the group, --resume auto
+    continues from the last checkpoint, and the run ends as one process with batches of 64."""
+    import importlib.util
+
+    import torch
+
+    from kdplug.engine import distill
+    from kdplug.engine.checkpoint import load_checkpoint
+
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED)
+    out = tmp_path / "run"
+    # a restarted group must not read the previous group's addresses from torchrun's shared
+    # store (pytorch/pytorch#135712): one store per attempt
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "--max-restarts=1", str(script), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "failed (exitcode: -9) local_rank: 1" in proc.stderr  # killed, then restarted
+    assert "student: resuming at epoch 2, step 4 of 8" in proc.stderr  # the last checkpoint
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert json.loads((out / "status.json").read_text())["status"] == "done"
+    saved = load_checkpoint(out / "checkpoints" / "student.pt")
+    assert saved["done"] and len(saved["history"]) == 2
+
+    spec = importlib.util.spec_from_file_location("restarted", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = distill(teacher=module.mlp(32, 1), student=module.mlp(8, 2), data=module.data(),
+                         **module.RUN, batch_size=64, device="cpu", quiet=True,
+                         out=str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(saved["history"], single.student.history):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
+        assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1 / 64)
+    for key, value in single.student.model.state_dict().items():
+        torch.testing.assert_close(saved["model"][key], value, rtol=1e-4, atol=1e-5)
