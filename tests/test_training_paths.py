@@ -19,6 +19,7 @@ from kdplug.engine.config import DistillConfig
 from kdplug.engine.distributed import DistEnv
 from kdplug.engine.loop import Trainer, accumulation_group, optimizer_steps_per_epoch
 from kdplug.losses import CrossEntropyLoss
+from test_resume import CrashAt, Interrupt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,19 +41,6 @@ def mlp(hidden: int = 16, seed: int = 0) -> nn.Module:
 
 def objects():
     return dict(teacher=mlp(32, 1), student=mlp(8, 2), data=data())
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, phase, epoch, step):
-        self.at = (phase, epoch, step)
-
-    def on_step(self, phase, epoch, step, loss):
-        if (phase, epoch, step) == self.at:
-            raise Crash(str(self.at))
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module, exact: bool = True) -> None:
@@ -93,7 +81,7 @@ def test_accumulation_checkpoints_count_optimizer_steps_and_resume_exactly(tmp_p
     run = dict(epochs=2, teacher_epochs=1, seed=3, quiet=True, batch_size=16,
                grad_accum_steps=3, checkpoint_every=2)  # 16 batches: groups of 3, 3, 3, 3, 3, 1
     reference = distill(**objects(), **run, out=str(tmp_path / "ref"))
-    with pytest.raises(Crash):
+    with pytest.raises(Interrupt):
         distill(**objects(), **run, out=str(tmp_path / "run"),
                 callbacks=[CrashAt("student", 2, 14)])
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "student.pt")
@@ -123,7 +111,7 @@ def test_each_path_trains_and_resumes_exactly(tmp_path, options):
     run = dict(epochs=2, teacher_epochs=1, seed=5, quiet=True, batch_size=32,
                checkpoint_every=3, **options)
     reference = distill(**objects(), **run, out=str(tmp_path / "ref"))
-    with pytest.raises(Crash):
+    with pytest.raises(Interrupt):
         distill(**objects(), **run, out=str(tmp_path / "run"),
                 callbacks=[CrashAt("student", 2, 5)])
     resumed = distill(**objects(), **run, out=str(tmp_path / "run"), resume=True)
