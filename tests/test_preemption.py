@@ -119,6 +119,14 @@ def test_a_signal_in_the_last_step_of_an_epoch_stops_after_its_evaluation(tmp_pa
     assert not (tmp_path / "checkpoints" / "student.pt").exists()
 
 
+def test_a_signal_in_a_phases_last_step_stops_before_the_next_phase(tmp_path):
+    proc = signalled_run(tmp_path, ("teacher", 2, 8))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "the student phase stopped before its first step" in proc.stdout
+    assert load_checkpoint(tmp_path / "checkpoints" / "teacher.pt")["done"]
+    assert not (tmp_path / "checkpoints" / "student.pt").exists()
+
+
 def test_a_second_signal_stops_at_once(tmp_path):
     proc = signalled_run(tmp_path, ("student", 1, 2), signals=2)
     assert proc.returncode == -signal.SIGTERM, proc.stdout + proc.stderr

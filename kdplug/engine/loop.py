@@ -377,6 +377,9 @@ class PhaseRun:
                 "with the grad_accum_steps it was written with, or --overwrite to start over")
         step_hooks = [hook for hook in (getattr(cb, "on_step", None) for cb in self.callbacks)
                       if hook is not None]
+        if self._stop_signal() is not None:  # it came before this phase began (or resumed)
+            trainer.release()
+            raise self._interrupted(start_epoch, start_step)
         try:
             for epoch in range(start_epoch, self.epochs):
                 skip = start_step if epoch == start_epoch else 0
@@ -470,12 +473,18 @@ class PhaseRun:
     def _interrupted(self, epoch: int, step: int) -> RunInterrupted:
         """The error that ends an interrupted phase, once its checkpoint is written."""
         name = signal.Signals(self.stop.signum).name
-        where = (f"after step {step} of {self.sampler.batches_per_epoch} in epoch {epoch + 1}"
-                 if step else f"after epoch {epoch} of {self.epochs}")
+        if step:
+            where = f"after step {step} of {self.sampler.batches_per_epoch} in epoch {epoch + 1}"
+        elif epoch:
+            where = f"after epoch {epoch} of {self.epochs}"
+        else:
+            where = "before its first step"
+        saved = (f"saved {self.checkpoint_path} (with every earlier phase's checkpoint)"
+                 if step or epoch else "the earlier phases' checkpoints are saved")
         return RunInterrupted(
-            f"Interrupted by {name}: the {self.phase} phase stopped {where}; saved {self.checkpoint_path} "
-            "(with every earlier phase's checkpoint). Run the same command with --resume auto "
-            "(or --resume) to continue from there.", self.stop.signum)
+            f"Interrupted by {name}: the {self.phase} phase stopped {where}; {saved}. Run the "
+            "same command with --resume auto (or --resume) to continue from there.",
+            self.stop.signum)
 
     def _checked_sum(self, running: RunningLoss, epoch: int) -> float:
         """The epoch's summed loss so far (a read; under torchrun a collective); a non-finite
