@@ -26,8 +26,7 @@ def click_option(item: Setting) -> Callable[[Callable], Callable]:
     kwargs: Dict[str, Any] = {"default": None, "help": item.help + shown,
                               "required": item.required}
     if item.bare is not None:
-        kwargs.update(is_flag=False, flag_value=item.bare,
-                      type=click.Choice([item.bare, *item.choices]))
+        kwargs.update(is_flag=False, flag_value=item.bare, type=click.Choice(list(item.choices)))
     elif item.type is bool:
         if item.negatable:
             decls[0] = f"{item.long_flag}/--no-{item.long_flag[2:]}"

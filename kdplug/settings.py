@@ -33,7 +33,7 @@ def setting(default: Any = None, *, help: str, default_factory: Any = dataclasse
     required: the command needs it (the Python API says which are missing).
     default_text: what the default means when it is None (``"= --epochs"``).
     bare: an option whose value may be left out: ``--resume`` alone means ``bare``, ``--resume
-    auto`` one of ``choices``.
+    auto`` another of ``choices`` (which hold ``bare`` too).
     """
     info = {"help": help, "choices": choices, "short": short, "path": path, "flag": flag,
             "negatable": negatable, "required": required, "default_text": default_text,
@@ -131,7 +131,7 @@ def declared_problem(obj: Any) -> Optional[Tuple[str, str]]:
         if value is None and item.optional:
             continue
         if item.bare is not None:  # a switch that may also take one of its choices
-            if not (isinstance(value, bool) or value in (item.bare, *item.choices)):
+            if not (isinstance(value, bool) or value in item.choices):
                 return item.name, "true, false or one of " + ", ".join(item.choices)
             continue
         check = _TYPE_CHECKS.get(item.type)

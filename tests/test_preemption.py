@@ -181,8 +181,8 @@ def test_resume_takes_true_false_and_auto_from_the_cli_and_toml(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('resume = "auto"\nout = "x"\n')
     assert resolve_config(toml).resume == "auto"
-    with pytest.raises(kdplug.KdplugError, match=r"resume.*expected true, false or one of auto, "
-                                                 r"false, got 'maybe'"):
+    with pytest.raises(kdplug.KdplugError, match=r"resume.*expected true, false or one of true, "
+                                                 r"auto, false, got 'maybe'"):
         toml.write_text('resume = "maybe"\n')
         resolve_config(toml)
 

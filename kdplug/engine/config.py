@@ -83,7 +83,7 @@ class DistillConfig:
     out: Optional[str] = setting(None, path="dir", default_text="runs/distill-<time>",
                                  help="Output folder.")
     resume: Union[bool, str] = setting(
-        False, bare="true", choices=("auto", "false"),
+        False, bare="true", choices=("true", "auto", "false"), default_text="off",
         help="Continue the run in --out (its checkpoints must come from the same settings). "
              "auto: the same where out holds a checkpoint, a fresh start where it holds none "
              "(for job scripts that a scheduler restarts).")
