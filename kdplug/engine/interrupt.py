@@ -7,7 +7,9 @@ what was saved and how to resume; the CLI exits with 128 + the signal's number (
 143 for SIGTERM). A second signal ends the process at once, by the signal's default action.
 
 Under torchrun every process must stop after the same step (the checkpoint is a collective), so
-the processes agree on the flag after each step: a one-number all-reduce on the CPU (gloo).
+the processes agree on the flag every few optimizer steps (``loop.STOP_CHECK_STEPS``): a
+one-number all-reduce on the CPU (gloo), read at the next check (no process waits for it), so
+there the run stops up to twice that many steps after the signal.
 Handlers are installed only from the main thread (Python delivers signals there alone).
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ class StopSignals:
         self.signum: Optional[int] = None
         self._previous: dict = {}
         self._group: Any = None
+        self._pending: Any = None  # under torchrun: the all-reduce of the flag in flight
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -79,7 +82,12 @@ class StopSignals:
 
     def agreed(self, env: DistEnv) -> Optional[int]:
         """The signal that stops every process after this step (None: go on). Under torchrun
-        a collective: every process calls it after every step."""
+        a collective: every process calls it at the same points (every few optimizer steps,
+        at each epoch's end and phase's start).
+
+        There the answer is the all-reduce started by the previous call, which has had steps
+        to finish: nobody waits for a round trip, and every process still reads the same value
+        at the same point."""
         if not env.distributed:
             return self.signum
         import torch.distributed as dist
@@ -87,9 +95,14 @@ class StopSignals:
         if self._group is None:  # the flag never waits for a GPU: a CPU group beside nccl
             self._group = (dist.new_group(backend="gloo") if dist.get_backend() != "gloo"
                            else dist.group.WORLD)
+        value = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            value = int(flag)
         flag = torch.tensor([self.signum or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        value = int(flag)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group,
+                                         async_op=True), flag)
         if value and self.signum is None:
             self.signum = value  # another process was signalled: stop with it
         return value or None

@@ -40,6 +40,10 @@ __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_
 
 #: how often (seconds) the progress bar shows the running loss: each time is a read of it
 PROGRESS_SECONDS = 0.5
+#: under torchrun, the processes agree on a SIGTERM/SIGINT every this many optimizer steps (and
+#: at each epoch's end): a stop comes at most twice this many steps late there
+#: (benchmarks/bench_stop_agreement.py)
+STOP_CHECK_STEPS = 4
 
 
 class NonFiniteLossError(KdplugError):
@@ -429,7 +433,7 @@ class PhaseRun:
                         for hook in step_hooks:
                             hook(phase=self.phase, epoch=epoch + 1, step=step, loss=value)
                         clock.tick("step")
-                    if last and step < per_epoch and self._stop_signal() is not None:
+                    if last and step < per_epoch and self._stop_signal(global_step) is not None:
                         if not saved:
                             self.save(epoch, step, self._checked_sum(running, epoch),
                                       running.steps)
@@ -466,9 +470,13 @@ class PhaseRun:
             trainer.release()
         return self.history
 
-    def _stop_signal(self) -> Optional[int]:
-        """The signal that stops the run after this step, agreed by every process."""
-        return None if self.stop is None else self.stop.agreed(self.env)
+    def _stop_signal(self, optimizer_step: int = 0) -> Optional[int]:
+        """The signal that stops the run after this step, agreed by every process (under
+        torchrun after every STOP_CHECK_STEPS-th optimizer step only: the agreement is a
+        collective)."""
+        if self.stop is None or (self.env.distributed and optimizer_step % STOP_CHECK_STEPS):
+            return None
+        return self.stop.agreed(self.env)
 
     def _interrupted(self, epoch: int, step: int) -> RunInterrupted:
         """The error that ends an interrupted phase, once its checkpoint is written."""
