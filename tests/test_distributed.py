@@ -190,3 +190,49 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_finishes_the_run(tmp_
         assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1 / 64)
     for key, value in single.student.model.state_dict().items():
         torch.testing.assert_close(saved["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+SIGNALLED = '''
+import os, signal, sys
+import kdplug
+from kdplug.engine.interrupt import RunInterrupted
+from restarted import RUN, data, mlp
+
+
+class SigtermRank0:
+    def on_step(self, phase, epoch, step, loss):
+        if (phase, epoch, step) == ("student", 1, 3) and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+try:
+    kdplug.distill(teacher=mlp(32, 1), student=mlp(8, 2), data=data(), **RUN, batch_size=32,
+                   device="cpu", out=sys.argv[1], callbacks=[SigtermRank0()])
+except RunInterrupted as exc:
+    print(f"rank {os.environ['RANK']}: {exc}", flush=True)
+    raise SystemExit(exc.exit_status)
+'''
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Rank 0 alone gets SIGTERM after step 3 of 8: the agreement started at optimizer step 4
+    carries it, the epoch's end reads it, and both processes stop there and write one checkpoint
+    together."""
+    from kdplug.engine.checkpoint import load_checkpoint
+
+    (tmp_path / "restarted.py").write_text(RESTARTED)
+    (tmp_path / "signalled.py").write_text(SIGNALLED)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(tmp_path / "signalled.py"), str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):  # rank 1 stops with rank 0's signal
+        assert f"rank {rank}: Interrupted by SIGTERM: the student phase stopped after epoch 1 " \
+               "of 2" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    saved = load_checkpoint(out / "checkpoints" / "student.pt")
+    assert (saved["epoch"], saved["step"], len(saved["history"]), len(saved["rng"])) == \
+        (1, 0, 1, 2)
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
