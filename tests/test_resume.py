@@ -15,6 +15,7 @@ import torch
 import kdplug
 from kdplug.engine import distill
 from kdplug.engine.checkpoint import load_checkpoint
+from run_helpers import CrashAt, Interrupt
 
 # digits with random shifts: data order, augmentation and dropout all draw random numbers
 RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
@@ -22,19 +23,6 @@ RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
            epochs=2, teacher_epochs=2, batch_size=32, baseline=True, quiet=True,
            checkpoint_every=3, seed=3)
 TIMING = ("epoch_time_s", "samples_per_s")
-
-
-class Interrupt(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, phase, epoch, step):
-        self.at = (phase, epoch, step)
-
-    def on_step(self, phase, epoch, step, loss):
-        if (phase, epoch, step) == self.at:
-            raise Interrupt(f"simulated crash at {self.at}")
 
 
 class NoTraining:

@@ -26,6 +26,7 @@ from .loaders import Loaders
 from .loop import PhaseRun, Trainer, autocast_factory
 from .results import PhaseResult
 from .run_folder import RunFolder
+from .strategy import Strategy
 
 __all__ = ["Phases", "SEED_TEACHER_PHASE", "SEED_STUDENT_PHASE"]
 
@@ -46,6 +47,7 @@ class Phases:
     callbacks: Sequence[Any]
     log: Callable[[str], None]
     show_progress: bool
+    strategy: Strategy
     cache: Optional[TeacherCache] = None  # a teacher cache stands for the teacher
 
     def train(self, phase: str, model: nn.Module, loss: Callable, teacher: Optional[nn.Module],
@@ -57,7 +59,7 @@ class Phases:
         if cfg.resume and path.is_file():
             ckpt = load_checkpoint(path)  # its settings were checked by RunFolder.prepare
             if ckpt.get("done"):
-                model.load_state_dict(ckpt["model"])
+                self.strategy.load_weights(model, ckpt, path)
                 history = list(ckpt["history"])
                 self.folder.add_records(history)
                 self.log(f"{phase}: done in the run being resumed ({len(history)} epochs)")
@@ -71,7 +73,8 @@ class Phases:
         trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr,
                           total_steps=epochs * self.loaders.sampler.batches_per_epoch,
                           teacher=teacher, phase=phase, cached_teacher=cached,
-                          steps_per_epoch=self.loaders.sampler.batches_per_epoch)
+                          steps_per_epoch=self.loaders.sampler.batches_per_epoch,
+                          strategy=self.strategy)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train,
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,

@@ -39,6 +39,8 @@ from .loop import announce_epoch, autocast_factory
 from .phases import SEED_STUDENT_PHASE, SEED_TEACHER_PHASE, Phases
 from .results import DistillResult, PhaseResult
 from .run_folder import RunFolder
+from .strategies import make_strategy
+from .strategy import Strategy
 
 __all__ = ["distill", "DistillResult", "PhaseResult"]
 
@@ -78,7 +80,7 @@ def distill(teacher: Any = None, student: Any = None, data: Any = None, loss: An
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env = setup(cfg.device)
+    env = setup(cfg.device, cfg.strategy)
     try:
         return _run(cfg, objects, env, list(callbacks))
     finally:
@@ -96,16 +98,18 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     folder = RunFolder.prepare(cfg, env, log)
     seed_everything(cfg.seed)
     splits = build_data(sources["data"], cfg.data_options, env)
-    preflight.check_data(splits, cfg, env)
-    parts = build_components(cfg, sources, splits, env)
+    strategy = make_strategy(cfg.strategy, env, cfg.amp)
+    preflight.check_data(splits, cfg, env, strategy)
+    parts = build_components(cfg, sources, splits, env, strategy)
     try:
-        return _run_parts(cfg, env, callbacks, log, quiet, folder, parts)
+        return _run_parts(cfg, env, strategy, callbacks, log, quiet, folder, parts)
     finally:
         detach_models(parts.loss)  # the hooks of features by module path come off
 
 
-def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Callable[[str], None],
-               quiet: bool, folder: RunFolder, parts: Components) -> DistillResult:
+def _run_parts(cfg: DistillConfig, env: DistEnv, strategy: Strategy, callbacks: List[Any],
+               log: Callable[[str], None], quiet: bool, folder: RunFolder,
+               parts: Components) -> DistillResult:
     cache = None
     if cfg.teacher_cache:
         cache = _open_cache(cfg, env, parts)
@@ -117,7 +121,7 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
     folder.open(cfg)  # every check has passed: the first write to out
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
-                    callbacks=callbacks, log=log, cache=cache,
+                    callbacks=callbacks, log=log, cache=cache, strategy=strategy,
                     show_progress=not quiet and sys.stderr.isatty())
 
     if cache is not None:
