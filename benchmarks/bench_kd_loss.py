@@ -4,6 +4,7 @@ pure-PyTorch fallback, the eager composition users write, and torch.compile of i
     python benchmarks/bench_kd_loss.py                 # CPU, all shapes
     python benchmarks/bench_kd_loss.py --device cuda   # GPU
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
+    python benchmarks/bench_kd_loss.py --capability all  # native CPU kernels of each capability
 
 The floor is the time to read student and teacher logits once and write the gradient once
 (3·N·C·bytes): measured in the same run as `torch.add(s, t, out=g)` on the same tensors, which
@@ -27,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kdplug import _cpu_capability
 from kdplug.ops import backend_status, kd_kl_div
 
 T = 2.0
@@ -43,7 +45,7 @@ _compiled = torch.compile(eager_kd)
 
 
 def make_step(variant):
-    if variant == "native":
+    if variant.startswith("native"):  # "native", or "native:<capability>"
         return lambda s, t: kd_kl_div(s, t, T, backend="native")
     if variant == "fallback":
         return lambda s, t: kd_kl_div(s, t, T, backend="torch")
@@ -84,18 +86,26 @@ def copy_bandwidth(nbytes, device, repeats):
     return 2 * n * 4 / statistics.median(times)
 
 
-def time_variants(n, c, dtype, device, repeats):
+def prepare(variant):
+    """Selects the CPU kernels a "native:<capability>" variant runs with (outside the timing)."""
+    if variant.startswith("native:"):
+        _cpu_capability.select(variant.split(":", 1)[1], "selected by bench_kd_loss.py")
+
+
+def time_variants(n, c, dtype, device, repeats, variants=VARIANTS):
     """Median ms of each variant's forward+backward, and of the floor (s + t into g)."""
     s, t = inputs(n, c, dtype, device)
     out = torch.empty_like(t)
-    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in VARIANTS}
+    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in variants}
     steps["floor"] = lambda: torch.add(s.detach(), t, out=out)
-    for step in steps.values():  # warm-up: compile, JIT, allocator
+    for v, step in steps.items():  # warm-up: compile, JIT, allocator
+        prepare(v)
         step()
         step()
     times = {v: [] for v in steps}
     for _ in range(repeats):
         for v, step in steps.items():
+            prepare(v)
             sync(device)
             t0 = time.perf_counter()
             step()
@@ -149,6 +159,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--capability", default=None,
+                        help="CPU kernels for the native column: default, avx2, avx512, or all "
+                             "(one column per capability this CPU supports); default: the one "
+                             "selected at load (KDPLUG_CPU_CAPABILITY, else the best)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -165,30 +179,51 @@ def main():
         cases = [(2048, 1000, torch.float32), (512, 32000, torch.float32)]
 
     status = backend_status()
+    cpu = status["native_cpu_capability"]
+    variants = VARIANTS
+    if args.capability and device == "cpu":
+        if cpu is None:
+            raise SystemExit(f"--capability: the native op is not available ({status['reason']})")
+        usable = _cpu_capability.usable()
+        chosen = usable if args.capability == "all" else [args.capability]
+        if not set(chosen) <= set(usable):
+            raise SystemExit(f"--capability {args.capability}: expected all or one of "
+                             f"{', '.join(usable)} (built and supported here)")
+        variants = [f"native:{c}" for c in chosen] + VARIANTS[1:]
+        _cpu_capability.select(chosen[-1], f"--capability {args.capability}")
+        cpu = _cpu_capability.current()
+        cpu = {"selected": cpu.selected, "reason": cpu.reason}
     name = torch.cuda.get_device_name() if device == "cuda" else (
-        f"CPU ({torch.get_num_threads()} threads, {status['cpu_capability']})")
+        f"CPU ({torch.get_num_threads()} threads, ATen {status['cpu_capability']})")
+    kernels = f"; CPU kernels: {cpu['selected']} ({cpu['reason']})" if cpu else ""
     print(f"kd loss forward+backward, T={T}, on {name}; torch {torch.__version__}; "
-          f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})")
+          f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})"
+          f"{kernels}")
     largest = max(n * c * 4 for n, c, _ in cases)
     bandwidth = copy_bandwidth(largest, device, repeats)
     print(f"copy bandwidth, for reference: {bandwidth / 1e9:.1f} GB/s (read+write of "
           f"{largest / 2**20:.0f} MiB); each row's floor is measured on its own tensors\n")
 
+    per_capability = [v for v in variants if v.startswith("native:")]
+    best = per_capability[-1] if per_capability else "native"
     header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} {'GB/s':>6} | "
-              + " | ".join(f"{v:>16}" for v in VARIANTS)
-              + " | native vs eager, vs compile")
+              + " | ".join(f"{v:>16}" for v in variants)
+              + f" | {best} vs eager, vs compile"
+              + (f" | {per_capability[0]} / {best}" if len(per_capability) > 1 else ""))
     print(header)
     print("-" * len(header))
     rows = []
     for n, c, dtype in cases:
         itemsize = torch.tensor([], dtype=dtype).element_size()
-        ms = time_variants(n, c, dtype, device, repeats)
+        ms = time_variants(n, c, dtype, device, repeats, variants)
         floor_ms = ms.pop("floor")
         floor_gbs = 3 * n * c * itemsize / floor_ms / 1e6
-        cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in VARIANTS)
+        cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in variants)
+        slower = (f" | {ms[per_capability[0]] / ms[best]:5.2f}x" if len(per_capability) > 1
+                  else "")
         print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} {floor_ms:9.3f} {floor_gbs:6.1f} | "
               f"{cells} | "
-              f"{ms['eager'] / ms['native']:5.1f}x, {ms['compile'] / ms['native']:4.1f}x",
+              f"{ms['eager'] / ms[best]:5.1f}x, {ms['compile'] / ms[best]:4.1f}x{slower}",
               flush=True)
         rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms,
                      "floor_gbs": floor_gbs, "ms": ms})
