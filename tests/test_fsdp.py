@@ -21,10 +21,11 @@ from torch import nn
 
 import kdplug
 from kdplug.engine import distill
+from kdplug.engine.meters import EPOCH_PARTS
 from run_helpers import write_corpus
 
 HERE = Path(__file__).resolve().parent
-TIMING = ("epoch_time_s", "samples_per_s")
+TIMING = ("epoch_time_s", "samples_per_s") + tuple(f"{part}_time_s" for part in EPOCH_PARTS)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 LM = dict(teacher="transformer-lm-teacher", student="transformer-lm-student",
@@ -254,7 +255,7 @@ def test_fsdp_shards_student_loss_and_a_frozen_teacher_in_bf16(group_of_one, tmp
         student.blocks[0].attn.qkv.register_forward_hook(  # inside the unit's forward
             lambda module, args, out: seen.append(module.weight.dtype))
         value = trainer.train_step(batch)
-        assert torch.isfinite(torch.tensor(value)) and seen == [torch.bfloat16]
+        assert bool(torch.isfinite(value)) and seen == [torch.bfloat16]
         assert isinstance(loss, FSDPModule)
         trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         assert trained == {id(p) for p in (*student.parameters(), *loss.parameters())}

@@ -35,6 +35,7 @@ from .strategy import Strategy
 
 __all__ = ["Source", "BuiltModel", "Components", "build_components", "build_data", "build_model",
            "build_teacher", "build_loss", "model_options", "factory_options", "display_name",
+           "uses_teacher", "check_teacher_given",
            "SEED_TEACHER_INIT", "SEED_STUDENT_INIT"]
 
 #: Seed keys of the models' initial weights (mixed with the run's seed): a teacher built by
@@ -207,7 +208,7 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     strategy = strategy or make_strategy(cfg.strategy, env, cfg.amp)
     teacher_source = sources.get("teacher")
     teacher = None
-    if _teacher_needed(cfg, teacher_source):
+    if (teacher_source is not None or cfg.teacher_cache) and _teacher_needed(cfg, teacher_source):
         teacher = build_teacher(teacher_source, splits, cfg.teacher_options, cfg.seed,
                                 cfg.teacher_checkpoint)
         if cfg.teacher_cache:  # built only to hash its weights against the cache's
@@ -237,6 +238,27 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
 def declared_units(source: Optional[Source]) -> Optional[Any]:
     """The shard units a model's plugin registered (``register(..., shard_units=[...])``)."""
     return source.registration.info.get("shard_units") if source and source.by_name else None
+
+
+def uses_teacher(loss: Source) -> bool:
+    """Whether a loss reads the teacher's output, from its ``uses_teacher`` attribute (on the
+    registered class or factory, or on the object): True unless it says otherwise."""
+    return bool(getattr(loss.registration.factory if loss.by_name else loss.obj, "uses_teacher",
+                        True))
+
+
+def check_teacher_given(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]) -> None:
+    """A run without a teacher (or a teacher cache) needs a loss that uses none."""
+    if sources.get("teacher") is not None or cfg.teacher_cache:
+        return
+    if cfg.teacher_checkpoint:
+        raise ConfigError("teacher_checkpoint needs the teacher's name too (--teacher NAME): "
+                          "the checkpoint's weights are loaded into it")
+    loss = sources["loss"]
+    if uses_teacher(loss):
+        raise ConfigError(f"the loss {loss.name!r} learns from a teacher, and none was given: "
+                          "pass --teacher NAME (or --teacher-cache DIR), or train the student "
+                          "alone with a loss that uses no teacher (--loss ce)")
 
 
 def _teacher_needed(cfg: DistillConfig, source: Optional[Source]) -> bool:

@@ -76,7 +76,7 @@ class Phases:
                           steps_per_epoch=self.loaders.sampler.batches_per_epoch,
                           strategy=self.strategy)
         run = PhaseRun(
-            phase=phase, trainer=trainer, train_loader=self.loaders.train,
+            phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
             test_loader=self.loaders.test, epochs=epochs, task=self.splits.task,
             seed=mix_seed(cfg.seed, seed_key), checkpoint_path=path, identity=cfg.identity(),

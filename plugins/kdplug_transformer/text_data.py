@@ -36,6 +36,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 class TokenDataset(Dataset):
     """A list of (inputs, labels) pairs; inputs are 1-D int64 tensors."""
 
+    fixed_tensors = True  # in memory, nothing random: the engine needs no seeding or workers
+
     def __init__(self, items: List[Tuple[torch.Tensor, Any]]) -> None:
         self.items = items
 
