@@ -24,5 +24,6 @@ from .registry import Registration
 # light. `from kdplug import distill` works as usual.
 _LAZY_EXPORTS = {"distill": ".engine", "DistillConfig": ".engine", "DistillResult": ".engine",
                  "PhaseResult": ".engine", "ModelOutput": ".outputs", "DataSplits": ".data",
-                 "cache_teacher": ".cache", "CacheResult": ".cache", "TeacherCache": ".cache"}
+                 "cache_teacher": ".cache", "CacheResult": ".cache", "TeacherCache": ".cache",
+                 "export_model": ".engine"}
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY_EXPORTS, globals())  # PEP 562

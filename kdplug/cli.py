@@ -173,7 +173,8 @@ def distill(config_file: Any, as_json: bool, **options: Any) -> None:
     """Train the teacher, distil the student, (--baseline) train the student alone; compare.
 
     Writes report.json, metrics.jsonl, curves.png, config.json/.toml and checkpoints/ to --out.
-    Runs under `torchrun --nproc_per_node=K` as it is (DistributedDataParallel).
+    Runs under `torchrun --nproc_per_node=K` as it is (DistributedDataParallel; --strategy fsdp
+    shards the models across the processes instead).
     """
     from .engine.run import distill as run_distill
 
@@ -184,6 +185,22 @@ def distill(config_file: Any, as_json: bool, **options: Any) -> None:
         else:
             click.echo(result.table())
             click.echo(f"outputs: {result.out}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The file to write (torch.save of a plain state_dict).")
+@click.option("--phase", type=click.Choice(["student", "scratch", "teacher"]), default="student",
+              show_default=True, help="Whose model: the distilled student, the scratch "
+                                      "baseline or the teacher.")
+def export(run: str, out: str, phase: str) -> None:
+    """Write the distilled student of RUN (a run folder or a checkpoint file) as one plain
+    state_dict of whole tensors, whatever wrote it (one process, DDP, or FSDP's shards):
+    model.load_state_dict(torch.load(FILE)) loads it."""
+    from .engine.export import export_model
+
+    click.echo(export_model(run, out, phase=phase).summary())
 
 
 @cli.command()

@@ -177,7 +177,7 @@ def bad_toml(tmp_path, text):
      r"the student 'cnn-student' does not fit data 'generated'.*expects inputs \[B, 1, 16, 16\]"),
     (dict(student_options={"widht": 3}), r"the student 'cnn-student' \(from plugin 'cifar'.*\) has "
                                          r"no option 'widht'\. Its options: in_channels, "
-                                         r"image_size, num_classes, dropout$"),
+                                         r"image_size, num_classes, dropout, norm$"),
     (dict(teacher_options={"num_clases": 10}), r"no option 'num_clases'; did you mean "
                                                r"'num_classes'\?"),
     (dict(epoch=3), r"unknown config key 'epoch'.*did you mean 'epochs'\?"),

@@ -16,6 +16,7 @@ import kdplug
 from kdplug.engine import distill
 from kdplug.engine.checkpoint import load_checkpoint
 from kdplug.engine.meters import EPOCH_PARTS
+from run_helpers import CrashAt, Interrupt
 
 # digits with random shifts: data order, augmentation and dropout all draw random numbers
 RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
@@ -23,19 +24,6 @@ RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
            epochs=2, teacher_epochs=2, batch_size=32, baseline=True, quiet=True,
            checkpoint_every=3, seed=3)
 TIMING = ("epoch_time_s", "samples_per_s") + tuple(f"{part}_time_s" for part in EPOCH_PARTS)
-
-
-class Interrupt(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, phase, epoch, step):
-        self.at = (phase, epoch, step)
-
-    def on_step(self, phase, epoch, step, loss):
-        if (phase, epoch, step) == self.at:
-            raise Interrupt(f"simulated crash at {self.at}")
 
 
 class NoTraining:

@@ -9,6 +9,7 @@ import torch
 
 import kdplug
 from kdplug_transformer.text_data import classification_splits
+from run_helpers import write_corpus
 
 try:
     from kdplug import distill
@@ -36,13 +37,7 @@ def generated_classification(n_per_class=24, seed=0):
 
 @pytest.fixture
 def corpus(tmp_path):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the park while birds sang".split()
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))
-                       for _ in range(40))
-    path = tmp_path / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_corpus(tmp_path)
 
 
 def test_classifier_pair_distils_with_hidden_and_attention_terms(tmp_path):

@@ -14,7 +14,12 @@
 - :mod:`.report`      metrics.jsonl, report.json, config files, curves.png, the summary table
 - :mod:`.batching`    batch dicts, model calls, deterministic data order
 - :mod:`.checkpoint`  atomic checkpoints, RNG state
-- :mod:`.distributed` torchrun / DistributedDataParallel helpers
+- :mod:`.distributed` torchrun helpers: the process group, rank 0's work
+- :mod:`.strategy`    how the models sit on the processes: one, DDP (:mod:`.fsdp`: FSDP2);
+                      :mod:`.strategies` picks one by name
+- :mod:`.shard_units` which submodules FSDP shards as units
+- :mod:`.sharded_checkpoint` checkpoints of shards (torch.distributed.checkpoint)
+- :mod:`.export`      a run's model as one plain state_dict (``kdplug export``)
 
 Names load on first use, so that reading :mod:`.config` (the CLI does, to make its options)
 does not import torch.
@@ -27,9 +32,10 @@ _LAZY_EXPORTS = {
     "distill": ".run", "DistillResult": ".results", "PhaseResult": ".results",
     "DistillConfig": ".config", "ConfigError": ".config", "load_config_file": ".config",
     "parse_option": ".config", "resolve_config": ".config",
-    "NonFiniteLossError": ".loop", "Trainer": ".loop",
+    "NonFiniteLossError": ".loop", "Trainer": ".loop", "export_model": ".export",
 }
 
 __all__ = ["distill", "DistillConfig", "DistillResult", "PhaseResult", "ConfigError",
-           "NonFiniteLossError", "Trainer", "load_config_file", "parse_option", "resolve_config"]
+           "NonFiniteLossError", "Trainer", "load_config_file", "parse_option", "resolve_config",
+           "export_model"]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY_EXPORTS, globals())  # PEP 562

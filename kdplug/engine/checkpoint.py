@@ -16,9 +16,10 @@ import torch
 
 from .._atomic import atomic_write
 from ..errors import KdplugError
+from .sharded_checkpoint import is_sharded, read_model_state, shards_folder
 
 __all__ = ["atomic_save", "load_checkpoint", "checkpoint_identity", "rng_state", "set_rng_state",
-           "load_model_weights", "FORMAT"]
+           "load_model_weights", "model_state", "FORMAT"]
 
 FORMAT = "kdplug-checkpoint-v1"
 
@@ -69,7 +70,7 @@ def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> Dict[st
     missing, unexpected and mis-shaped keys.
     """
     ckpt = load_checkpoint(path)
-    state = ckpt["model"] if ckpt.get("format") == FORMAT else ckpt
+    state = model_state(ckpt, path)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise KdplugError(f"{str(path)!r} is neither a kdplug checkpoint nor a state_dict of "
                           "tensors")
@@ -92,6 +93,17 @@ def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> Dict[st
                           "options?")
     model.load_state_dict(state)
     return ckpt
+
+
+def model_state(ckpt: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """The model's whole tensors from a checkpoint read from ``path``: a kdplug checkpoint of one
+    file, one whose tensors are in shard folders (read here, no process group needed), or a
+    plain state_dict."""
+    if ckpt.get("format") != FORMAT:
+        return ckpt
+    if is_sharded(ckpt):
+        return read_model_state(shards_folder(path, ckpt))
+    return ckpt["model"]
 
 
 # ----------------------------------------------------------------------------- RNG

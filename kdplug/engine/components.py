@@ -30,6 +30,8 @@ from .batching import mix_seed, requirements
 from .checkpoint import load_model_weights
 from .config import ConfigError, DistillConfig
 from .distributed import DistEnv
+from .strategies import make_strategy
+from .strategy import Strategy
 
 __all__ = ["Source", "BuiltModel", "Components", "build_components", "build_data", "build_model",
            "build_teacher", "build_loss", "model_options", "factory_options", "display_name",
@@ -198,20 +200,32 @@ class Components:
 
 
 def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]],
-                     splits: DataSplits, env: DistEnv) -> Components:
+                     splits: DataSplits, env: DistEnv,
+                     strategy: Optional[Strategy] = None) -> Components:
     """The models for ``splits`` (seeded; the teacher with its checkpoint), the scratch copy
-    and the loss, moved to ``env.device``."""
+    and the loss, on ``env.device``: each model made ready by the run's strategy (sharded under
+    FSDP) as soon as it is built."""
+    strategy = strategy or make_strategy(cfg.strategy, env, cfg.amp)
     teacher_source = sources.get("teacher")
     teacher = None
     if (teacher_source is not None or cfg.teacher_cache) and _teacher_needed(cfg, teacher_source):
         teacher = build_teacher(teacher_source, splits, cfg.teacher_options, cfg.seed,
                                 cfg.teacher_checkpoint)
+        if cfg.teacher_cache:  # built only to hash its weights against the cache's
+            teacher.model.to(env.device)
+        else:
+            inference = bool(cfg.teacher_checkpoint) or cfg.resolved_teacher_epochs == 0
+            strategy.prepare_model(teacher.model, f"the teacher {teacher.name!r}",
+                                   declared_units(teacher_source), inference=inference)
     student = build_model(sources["student"], splits, cfg.student_options, cfg.seed)
     scratch = copy.deepcopy(student.model) if cfg.baseline else None
+    for model, what in ((student.model, "the student"), (scratch, "the scratch student")):
+        if model is not None:
+            strategy.prepare_model(model, f"{what} {student.name!r}",
+                                   declared_units(sources["student"]))
     loss = build_loss(sources["loss"], cfg.loss_options, cfg.temperature, cfg.alpha)
-    for module in (teacher and teacher.model, student.model, scratch, loss):
-        if isinstance(module, nn.Module):
-            module.to(env.device)
+    if isinstance(loss, nn.Module):
+        loss.to(env.device)
     if teacher is not None:  # features by module path: hooks on both models (removed at run end)
         attach_models(loss, student=student.model, teacher=teacher.model)
     teacher_options = (model_options(teacher_source, splits, cfg.teacher_options)
@@ -219,6 +233,11 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     return Components(splits=splits, collate=splits.collate_fn or default_collate,
                       teacher=teacher, student=student, scratch=scratch, loss=loss,
                       requires=requirements(loss), teacher_options=teacher_options)
+
+
+def declared_units(source: Optional[Source]) -> Optional[Any]:
+    """The shard units a model's plugin registered (``register(..., shard_units=[...])``)."""
+    return source.registration.info.get("shard_units") if source and source.by_name else None
 
 
 def uses_teacher(loss: Source) -> bool:

@@ -41,10 +41,11 @@ __all__ = ["DistillConfig", "ConfigError", "load_config_file", "resolve_config",
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant", "step")
 AMP_MODES = ("none", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
     "out", "resume", "overwrite", "device", "quiet", "num_workers", "threads", "checkpoint_every",
-    "eval_batch_size", "eval_every", "baseline", "teacher_cache_verify",
+    "eval_batch_size", "eval_every", "baseline", "teacher_cache_verify", "strategy",
 })
 CACHE_VERIFY_MODES = ("full", "lazy", "size")
 
@@ -112,6 +113,11 @@ class DistillConfig:
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
     amp: str = setting("none", choices=AMP_MODES,
                        help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
+    strategy: str = setting("ddp", choices=STRATEGIES,
+                            help="How torchrun's processes share the models: ddp (each holds them "
+                                 "whole) or fsdp (parameters, gradients and optimizer state "
+                                 "sharded with FSDP2; the teacher sharded for inference). fsdp "
+                                 "needs torchrun.")
     num_workers: Optional[int] = setting(
         None, default_text="auto",
         help="DataLoader worker processes per split (auto: none where items load faster than a "
@@ -229,6 +235,10 @@ class DistillConfig:
             raise ConfigError(f"kd_augment {self.kd_augment!r} needs the teacher's outputs on the "
                               "augmented inputs, and a teacher cache holds them for the data as it "
                               "is: drop kd_augment or teacher_cache")
+        if self.strategy == "fsdp" and self.amp == "fp16":
+            raise ConfigError(f"amp 'fp16'{at('amp')} with strategy 'fsdp': fp16 needs a grad "
+                              "scaler that agrees across the shards, which kdplug does not "
+                              "provide; use amp bf16 (FSDP2's MixedPrecisionPolicy, no scaler)")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run "
                               "in out, overwrite starts it over")

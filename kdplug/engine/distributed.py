@@ -16,7 +16,10 @@ import torch.distributed as dist
 
 from ..errors import KdplugError
 
-__all__ = ["DistEnv", "setup", "resolve_device"]
+__all__ = ["DistEnv", "setup", "resolve_device", "launched_by_torchrun"]
+
+#: What torchrun (and any launcher for init_process_group's env:// method) puts in the environment.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def resolve_device(device: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
@@ -110,10 +113,23 @@ class DistEnv:
             self.initialized_here = False
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """The process's DistEnv; joins torchrun's process group when WORLD_SIZE > 1."""
+def launched_by_torchrun() -> bool:
+    return all(os.environ.get(name) for name in TORCHRUN_VARIABLES)
+
+
+def setup(device: str = "auto", strategy: str = "ddp") -> DistEnv:
+    """The process's DistEnv; joins torchrun's process group when WORLD_SIZE > 1, and with
+    strategy "fsdp" at any size (a sharded model needs a process group, even of one)."""
+    sharded = strategy == "fsdp"
+    if sharded and not (launched_by_torchrun() or dist.is_initialized()):
+        missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name)]
+        raise KdplugError(
+            "strategy 'fsdp' shards the models across the processes torchrun starts, but this "
+            f"process was not started by torchrun (no {', '.join(missing)} in its environment). "
+            "Run: torchrun --nproc_per_node=K -m kdplug distill --strategy fsdp …, or drop "
+            "--strategy fsdp for one process")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and not sharded:
         return DistEnv(device=resolve_device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device, local_rank, distributed=True)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..losses import IGNORE_INDEX, token_mask
 from .batching import batches, call_model, check_batch, to_device
 from .distributed import DistEnv
+from .strategy import is_sharded_model, release_gathered
 
 __all__ = ["evaluate", "measure_inference_ms", "time_inference"]
 
@@ -28,15 +29,21 @@ __all__ = ["evaluate", "measure_inference_ms", "time_inference"]
 def evaluate(model: torch.nn.Module, loader: Iterable[Any], *, task: str, env: DistEnv,
              autocast: Callable[[], ContextManager] = contextlib.nullcontext,
              where: str = "evaluation") -> Dict[str, float]:
-    """Test metrics of ``model`` over ``loader`` (each process its shard; sums all-reduced)."""
+    """Test metrics of ``model`` over ``loader`` (each process its shard; sums all-reduced).
+    A sharded model runs as many forwards on every process: where its shard of the test data
+    holds fewer batches, the last one runs again, uncounted."""
     was_training = model.training
     model.eval()
     device = env.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
+    lockstep = is_sharded_model(model) and env.distributed
+    rounds = max(env.gather(len(loader))) if lockstep else 0  # type: ignore[arg-type]
+    batch = None
     try:
         for batch in batches(loader, device, where):
+            rounds -= 1
             with autocast():
                 logits = call_model(model, batch).logits
             logits = logits.float()
@@ -51,8 +58,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Any], *, task: str, env: D
             loss_sum += F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
             correct += ((flat.argmax(-1) == flat_labels) & counted).sum()
             count += counted.sum()
+        for _ in range(rounds):  # in step with the processes that hold more test batches
+            call_model(model, batch)
     finally:
         model.train(was_training)
+        release_gathered(model)
     totals = torch.stack([loss_sum, correct.to(torch.float64), count.to(torch.float64)])
     env.all_reduce_sum(totals)
     loss_total, correct_total, n = (float(v) for v in totals.cpu())
@@ -88,16 +98,18 @@ def measure_inference_ms(model: torch.nn.Module, batch: Dict[str, Any], *,
                 times.append((time.perf_counter() - start) * 1000.0)
     finally:
         model.train(was_training)
+        release_gathered(model)
     return statistics.median(times)
 
 
 def time_inference(results: Sequence[Any], test: Dataset, collate: Callable, batch_size: int,
                    autocast: Callable[[], ContextManager], env: DistEnv) -> Optional[int]:
     """Sets each result's ``inference_ms_per_batch`` (measured by rank 0 on the first test batch;
-    None for a result without a model, such as a cached teacher). Returns that batch's size."""
+    None for a result without a model, such as a cached teacher). Returns that batch's size.
+    Sharded models are timed on every process (each forward gathers from all of them)."""
     timings: Dict[str, float] = {}
     size = None
-    if env.is_main:
+    if env.is_main or any(is_sharded_model(r.model) for r in results):
         batch = to_device(check_batch(next(iter(DataLoader(
             test, batch_size=batch_size, collate_fn=collate))), "evaluation"), env.device)
         size = int(batch["labels"].shape[0])

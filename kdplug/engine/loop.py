@@ -4,7 +4,8 @@ A distillation step: the teacher, in ``eval()`` mode with its parameters frozen,
 ``torch.no_grad()``; the student runs in train mode; the loss gets both outputs and the batch; the
 student (and the loss's own parameters, if any) take an optimizer step; the LR schedule advances.
 Student and loss are wrapped in one module, so under torchrun one DistributedDataParallel syncs
-every trainable parameter.
+every trainable parameter; how the models sit on the processes (one, DDP, FSDP) is the run's
+:class:`~kdplug.engine.strategy.Strategy`, which the loop calls without knowing which it is.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from ..errors import KdplugError
 from ..kd_augment import augment_batch
 from ..outputs import ModelOutput
 from .batching import EpochSampler, batches, call_model, mix_seed, requirements
-from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_everything,
-                         set_rng_state)
+from .checkpoint import FORMAT, optional_state, rng_state, seed_everything, set_rng_state
 from .config import DistillConfig
 from .distributed import DistEnv
 from .evaluate import evaluate
 from .interrupt import RunInterrupted, StopSignals
 from .meters import EPOCH_PARTS, EpochClock, RunningLoss
+from .strategies import make_strategy
+from .strategy import Strategy
 
 __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
            "autocast_factory", "announce_epoch", "optimizer_steps_per_epoch",
@@ -141,14 +143,16 @@ class _StepModule(nn.Module):
 
 
 class Trainer:
-    """The machinery of one phase: model (+ loss parameters) on the device, DDP under torchrun,
-    optimizer, per-step LR schedule, grad scaler (fp16), autocast, and :meth:`train_step`."""
+    """The machinery of one phase: model (+ loss parameters) on the device, wrapped by the
+    strategy (DDP or FSDP under torchrun), optimizer, per-step LR schedule, grad scaler (fp16),
+    autocast, and :meth:`train_step`."""
 
     def __init__(self, model: nn.Module, loss: Callable, *, cfg: DistillConfig, env: DistEnv,
                  lr: float, total_steps: int, teacher: Optional[nn.Module] = None,
                  phase: str = "student", cached_teacher: bool = False,
-                 steps_per_epoch: int = 1) -> None:
+                 steps_per_epoch: int = 1, strategy: Optional[Strategy] = None) -> None:
         self.cfg, self.env, self.phase = cfg, env, phase
+        self.strategy = strategy or make_strategy(cfg.strategy, env, cfg.amp)
         # the transfer-set augmentation belongs to the distillation phase only
         self.kd_augment = cfg.kd_augment if phase == "student" else "none"
         self.requires = requirements(loss)
@@ -164,14 +168,9 @@ class Trainer:
         if self.teacher is not None:
             teacher.to(env.device)
             freeze_teacher(teacher)
+            self.strategy.prepare_teacher(teacher)
         self.step_module = _StepModule(self.model, loss, self.requires)
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.forward = DDP(self.step_module, device_ids=ids)
-        else:
-            self.forward = self.step_module
+        self.forward = self.strategy.wrap(self.step_module)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params, lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -198,7 +197,7 @@ class Trainer:
         """Forward and backward of one micro-batch, its loss scaled by ``weight`` (1/K of a
         group of K: K micro-batches of B then sum the gradients of one batch of K·B); ``last``
         applies the optimizer step and advances the schedule. Under torchrun the gradients are
-        synchronised on the last micro-batch only (DDP's ``no_sync`` on the others).
+        synchronised on the last micro-batch only (the strategy's ``no_sync`` on the others).
 
         Returns the (unscaled) loss as a detached scalar tensor where it was computed: nothing
         waits for its value. ``step_seed`` draws the transfer-set augmentation (the same inputs
@@ -216,9 +215,7 @@ class Trainer:
             if teacher_out is None:
                 raise KdplugError(f"phase {self.phase!r} {where}: the batch holds no cached "
                                   "teacher outputs (a teacher cache run needs its loader)")
-        sync = contextlib.nullcontext() if last or not self.env.distributed else \
-            self.forward.no_sync()
-        with sync:
+        with contextlib.nullcontext() if last else self.strategy.no_sync(self.forward):
             with self.autocast():
                 loss = self.forward(batch, teacher_out)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -252,12 +249,12 @@ class Trainer:
         if self.scaler is not None:
             if self.cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.strategy.clip_grad_norm(self.params, self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.strategy.clip_grad_norm(self.params, self.cfg.grad_clip)
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -282,15 +279,21 @@ class Trainer:
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": optional_state(self.scaler),
+            **self.schedule_state(),
         }
+
+    def schedule_state(self) -> Dict[str, Any]:
+        """The state beside the tensors of the model, loss and optimizer."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": optional_state(self.scaler)}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if isinstance(self.loss, nn.Module) and state.get("loss") is not None:
             self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_schedule_state(state)
+
+    def load_schedule_state(self, state: Dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -356,7 +359,7 @@ class PhaseRun:
         running = RunningLoss(trainer._reduce_device())
         start_epoch, start_step = 0, 0
         if resume is not None:
-            trainer.load_state(resume["state"])
+            trainer.strategy.load_checkpoint(trainer, resume, self.checkpoint_path)
             self.history = list(resume["history"])
             start_epoch, start_step = int(resume["epoch"]), int(resume["step"])
             running.restart(float(resume["loss_sum"]), int(resume["loss_steps"]))
@@ -519,16 +522,15 @@ class PhaseRun:
     def save(self, epoch: int, step: int, loss_sum: float, loss_steps: int) -> None:
         """The full state after ``step`` batches of epoch ``epoch`` (0-based; step 0 = start)."""
         rngs = self.env.gather(rng_state())  # a collective: every process calls save
-        if self.checkpoint_path is None or not self.env.is_main:
+        if self.checkpoint_path is None:
             return
         loader_rng = self._epoch_loader_state if step else self._loader_state()
-        atomic_save({
+        self.trainer.strategy.save_checkpoint(self.trainer, {
             "format": FORMAT, "phase": self.phase, "epoch": epoch, "step": step,
             "done": epoch >= self.epochs and step == 0, "epochs": self.epochs,
-            "state": self.trainer.state(), "rng": rngs, "loss_sum": loss_sum,
+            "rng": rngs, "loss_sum": loss_sum,
             "loss_steps": loss_steps, "history": self.history, "identity": self.identity,
             "world_size": self.env.world_size, "loader_rng": loader_rng,
-            "model": self.trainer.model.state_dict(),
         }, self.checkpoint_path)
 
     @property

@@ -27,6 +27,7 @@ from .interrupt import StopSignals
 from .loop import PhaseRun, Trainer, autocast_factory, optimizer_steps_per_epoch
 from .results import PhaseResult
 from .run_folder import RunFolder
+from .strategy import Strategy
 
 __all__ = ["Phases", "SEED_TEACHER_PHASE", "SEED_STUDENT_PHASE"]
 
@@ -47,6 +48,7 @@ class Phases:
     callbacks: Sequence[Any]
     log: Callable[[str], None]
     show_progress: bool
+    strategy: Strategy
     cache: Optional[TeacherCache] = None  # a teacher cache stands for the teacher
     stop: Optional[StopSignals] = None  # SIGTERM/SIGINT end a phase after a checkpoint
 
@@ -59,7 +61,7 @@ class Phases:
         if cfg.resume and path.is_file():
             ckpt = load_checkpoint(path)  # its settings were checked by RunFolder.prepare
             if ckpt.get("done"):
-                model.load_state_dict(ckpt["model"])
+                self.strategy.load_weights(model, ckpt, path)
                 history = list(ckpt["history"])
                 self.folder.add_records(history)
                 self.log(f"{phase}: done in the run being resumed ({len(history)} epochs)")
@@ -74,7 +76,7 @@ class Phases:
                                           cfg.grad_accum_steps)
         trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr, total_steps=epochs * steps,
                           teacher=teacher, phase=phase, cached_teacher=cached,
-                          steps_per_epoch=steps)
+                          steps_per_epoch=steps, strategy=self.strategy)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,

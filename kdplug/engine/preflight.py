@@ -21,17 +21,23 @@ from .batching import call_model, probe_batch
 from .config import DistillConfig
 from .distributed import DistEnv
 from .loop import autocast_factory
+from .strategy import Strategy, release_gathered
 
 __all__ = ["check_data", "dry_run"]
 
 
-def check_data(splits: DataSplits, cfg: DistillConfig, env: DistEnv) -> None:
+def check_data(splits: DataSplits, cfg: DistillConfig, env: DistEnv,
+               strategy: Optional[Strategy] = None) -> None:
     n_train, n_test = len(splits.train), len(splits.test)  # type: ignore[arg-type]
     if n_train < cfg.batch_size:
         raise KdplugError(f"data {cfg.data!r} has {n_train} training samples, fewer than one "
                           f"batch (batch_size {cfg.batch_size}); lower --batch-size")
     if n_test < 1:
         raise KdplugError(f"data {cfg.data!r} has an empty test split")
+    if strategy is not None and strategy.lockstep and n_test < env.world_size:
+        raise KdplugError(f"data {cfg.data!r} has {n_test} test samples, fewer than the "
+                          f"{env.world_size} processes: with strategy {strategy.name!r} every "
+                          "process evaluates a share of them")
     if cfg.batch_size % env.world_size:
         raise KdplugError(f"batch_size {cfg.batch_size} must be divisible by the number of "
                           f"processes ({env.world_size}): it is the global batch")
@@ -73,6 +79,7 @@ def dry_run(teacher: Optional[nn.Module], student: nn.Module, loss: Callable, sp
                               f"The data: {about}") from None
         finally:
             model.train(was_training)
+            release_gathered(model)
         shape = tuple(out.logits.shape)
         vocabularies[role] = shape[-1] if shape else 0
         if (splits.task == "lm" and shape != tuple(expected)

@@ -40,6 +40,8 @@ from .loop import announce_epoch, autocast_factory
 from .phases import SEED_STUDENT_PHASE, SEED_TEACHER_PHASE, Phases
 from .results import DistillResult, PhaseResult
 from .run_folder import RunFolder
+from .strategies import make_strategy
+from .strategy import Strategy
 
 __all__ = ["distill", "DistillResult", "PhaseResult"]
 
@@ -79,7 +81,7 @@ def distill(teacher: Any = None, student: Any = None, data: Any = None, loss: An
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env = setup(cfg.device)
+    env = setup(cfg.device, cfg.strategy)
     try:
         with StopSignals() as stop:  # SIGTERM/SIGINT: checkpoint after the step, then stop
             return _run(cfg, objects, env, list(callbacks), stop)
@@ -99,17 +101,18 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     folder = RunFolder.prepare(cfg, env, log)
     seed_everything(cfg.seed)
     splits = build_data(sources["data"], cfg.data_options, env)
-    preflight.check_data(splits, cfg, env)
-    parts = build_components(cfg, sources, splits, env)
+    strategy = make_strategy(cfg.strategy, env, cfg.amp)
+    preflight.check_data(splits, cfg, env, strategy)
+    parts = build_components(cfg, sources, splits, env, strategy)
     try:
-        return _run_parts(cfg, env, callbacks, log, quiet, folder, parts, stop)
+        return _run_parts(cfg, env, strategy, callbacks, log, quiet, folder, parts, stop)
     finally:
         detach_models(parts.loss)  # the hooks of features by module path come off
 
 
-def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Callable[[str], None],
-               quiet: bool, folder: RunFolder, parts: Components,
-               stop: StopSignals) -> DistillResult:
+def _run_parts(cfg: DistillConfig, env: DistEnv, strategy: Strategy, callbacks: List[Any],
+               log: Callable[[str], None], quiet: bool, folder: RunFolder,
+               parts: Components, stop: StopSignals) -> DistillResult:
     cache = None
     if cfg.teacher_cache:
         cache = _open_cache(cfg, env, parts)
@@ -120,8 +123,8 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
     folder.open(cfg)  # every check has passed: the first write to out
     try:
-        result = _train_and_finish(cfg, env, callbacks, log, quiet, folder, parts, cache,
-                                   teacher, stop)
+        result = _train_and_finish(cfg, env, strategy, callbacks, log, quiet, folder, parts,
+                                   cache, teacher, stop)
     except RunInterrupted as exc:
         folder.write_status("interrupted", str(exc))
         raise
@@ -132,8 +135,9 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
     return result
 
 
-def _train_and_finish(cfg: DistillConfig, env: DistEnv, callbacks: List[Any],
-                      log: Callable[[str], None], quiet: bool, folder: RunFolder,
+def _train_and_finish(cfg: DistillConfig, env: DistEnv, strategy: Strategy,
+                      callbacks: List[Any], log: Callable[[str], None], quiet: bool,
+                      folder: RunFolder,
                       parts: Components, cache: Optional[TeacherCache],
                       teacher: Optional[torch.nn.Module], stop: StopSignals) -> DistillResult:
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
@@ -141,7 +145,7 @@ def _train_and_finish(cfg: DistillConfig, env: DistEnv, callbacks: List[Any],
         log(f"data: {loaders.train_workers} worker process(es) load the training items "
             "(--num-workers to choose)")
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
-                    callbacks=callbacks, log=log, cache=cache,
+                    callbacks=callbacks, log=log, cache=cache, strategy=strategy,
                     show_progress=not quiet and sys.stderr.isatty(), stop=stop)
 
     if cache is not None:

@@ -9,6 +9,7 @@ process knows the folder."""
 from __future__ import annotations
 
 import datetime
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -84,6 +85,8 @@ class RunFolder:
                 if cfg.overwrite:
                     for name in self.overwritten:
                         (self.checkpoints / name).unlink(missing_ok=True)
+                    for shards in self.checkpoints.glob("*.shards"):  # sharded checkpoints' tensors
+                        shutil.rmtree(shards)
                     for name in OUTPUT_FILES:
                         if not name.startswith("config."):  # just written
                             (self.path / name).unlink(missing_ok=True)

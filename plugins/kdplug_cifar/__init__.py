@@ -16,21 +16,23 @@ import kdplug
 
 
 def cnn_teacher(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] = 32,
-                num_classes: int = 10, dropout: float = 0.0):
-    """The teacher: conv 32, 64 (BatchNorm, ReLU), fc 512 (33.6M parameters on 3×32×32)."""
+                num_classes: int = 10, dropout: float = 0.0, norm: str = "batch"):
+    """The teacher: conv 32, 64 (BatchNorm, ReLU), fc 512 (33.6M parameters on 3×32×32);
+    norm="none": no BatchNorm."""
     from .models import cnn_teacher as build
 
     return build(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
-                 dropout=dropout)
+                 dropout=dropout, norm=norm)
 
 
 def cnn_student(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] = 32,
-                num_classes: int = 10, dropout: float = 0.0):
-    """The student: conv 16, 32 (BatchNorm, ReLU), fc 256 (8.4M parameters on 3×32×32)."""
+                num_classes: int = 10, dropout: float = 0.0, norm: str = "batch"):
+    """The student: conv 16, 32 (BatchNorm, ReLU), fc 256 (8.4M parameters on 3×32×32);
+    norm="none": no BatchNorm."""
     from .models import cnn_student as build
 
     return build(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
-                 dropout=dropout)
+                 dropout=dropout, norm=norm)
 
 
 def cnn_tiny_student(*, in_channels: int = 3, num_classes: int = 10):
@@ -87,7 +89,7 @@ ZOO_MODELS = {
 
 def _register_models(register, builtin_name: str, builtin, builtin_description: str) -> None:
     register(builtin_name, builtin, description=builtin_description,
-             options="in_channels, image_size, num_classes, dropout")
+             options="in_channels, image_size, num_classes, dropout, norm")
     for name, (millions, description) in ZOO_MODELS.items():
         register(name, zoo_factory(name), options="num_classes, in_channels, weights",
                  description=f"{description}, {millions:.2f}M parameters at 100 classes "

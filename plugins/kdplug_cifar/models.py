@@ -1,6 +1,8 @@
 """The CNN teacher and student of the classic CIFAR-10 distillation sketch, done right.
 
-Both are two 3×3 convolutions (padding 1, BatchNorm, ReLU; no pooling) and two linear layers:
+Both are two 3×3 convolutions (padding 1, BatchNorm, ReLU; no pooling) and two linear layers
+(``norm="none"`` leaves BatchNorm out: a model whose output does not depend on how a batch is
+split across processes, e.g. to compare a sharded run with one process):
 
     teacher: conv in→32, conv 32→64, fc 64·H·W→512, fc 512→classes
     student: conv in→16, conv 16→32, fc 32·H·W→256, fc 256→classes
@@ -45,12 +47,24 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+NORMS = ("batch", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind not in NORMS:
+        raise kdplug.KdplugError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
 class CNN(nn.Module):
     """conv(in→c1)+BN+ReLU, conv(c1→c2)+BN+ReLU, fc(c2·H·W→hidden)+ReLU, fc(→classes)."""
 
+    #: FSDP's units (kdplug.engine.shard_units): each conv, and fc1, which holds most weights
+    kdplug_shard_units = ("conv1", "conv2", "fc1")
+
     def __init__(self, channels: Tuple[int, int], hidden: int, *, in_channels: int = 3,
                  image_size: Union[int, Sequence[int]] = 32, num_classes: int = 10,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, norm: str = "batch") -> None:
         super().__init__()
         c1, c2 = channels
         self.in_channels = _positive("in_channels", in_channels)
@@ -60,9 +74,9 @@ class CNN(nn.Module):
             raise kdplug.KdplugError(f"dropout must be in [0, 1), got {dropout!r}")
         height, width = self.image_size
         self.conv1 = nn.Conv2d(self.in_channels, c1, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c1)
+        self.bn1 = _norm(norm, c1)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
-        self.bn2 = nn.BatchNorm2d(c2)
+        self.bn2 = _norm(norm, c2)
         self.fc1 = nn.Linear(c2 * height * width, hidden)
         self.dropout = nn.Dropout(float(dropout))
         self.fc2 = nn.Linear(hidden, self.num_classes)
@@ -87,17 +101,17 @@ class CNN(nn.Module):
 
 
 def cnn_teacher(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] = 32,
-                num_classes: int = 10, dropout: float = 0.0) -> CNN:
+                num_classes: int = 10, dropout: float = 0.0, norm: str = "batch") -> CNN:
     """The teacher: 32 and 64 channels, 512 hidden units (33.6M parameters on 3×32×32)."""
     return CNN((32, 64), 512, in_channels=in_channels, image_size=image_size,
-               num_classes=num_classes, dropout=dropout)
+               num_classes=num_classes, dropout=dropout, norm=norm)
 
 
 def cnn_student(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] = 32,
-                num_classes: int = 10, dropout: float = 0.0) -> CNN:
+                num_classes: int = 10, dropout: float = 0.0, norm: str = "batch") -> CNN:
     """The student: 16 and 32 channels, 256 hidden units (8.4M parameters on 3×32×32)."""
     return CNN((16, 32), 256, in_channels=in_channels, image_size=image_size,
-               num_classes=num_classes, dropout=dropout)
+               num_classes=num_classes, dropout=dropout, norm=norm)
 
 
 class TinyCNN(nn.Module):
