@@ -12,6 +12,10 @@ from . import _ext
 REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 BACKENDS = ("auto", "native", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Codes shared with csrc/kd_math.h.
+DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+BETA_DIVERGENCES = ("jsd", "skew_kl", "skew_reverse_kl")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def check_tensor(op: str, name: str, value, dtypes=FLOAT_DTYPES, what="floating-point logits"):
@@ -52,6 +56,55 @@ def check_temperature(op: str, temperature) -> float:
 def check_choice(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_number(op: str, name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_divergence(op: str, divergence, beta) -> float:
+    """The divergence's name and β: β must lie strictly inside (0, 1) where it is used."""
+    check_choice(op, "divergence", divergence, DIVERGENCES)
+    beta = check_number(op, "beta", beta)
+    if divergence in BETA_DIVERGENCES and not 0.0 < beta < 1.0:
+        raise ValueError(f"{op}: beta must be in (0, 1) for divergence={divergence!r} (its "
+                         f"mixing weight: m = beta*p + (1-beta)*q), got {beta}")
+    return beta
+
+
+def check_labels(op: str, labels, alpha, rows_shape, device, classes: int, ignore_index,
+                 mask) -> float:
+    """α in [0, 1]; labels (class indices shaped like the rows) when α < 1; their values in
+    eager mode: a class or ignore_index in every counted row."""
+    alpha = check_number(op, "alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
+        raise ValueError(f"{op}: alpha must be in [0, 1] (loss = alpha*divergence + "
+                         f"(1-alpha)*cross-entropy), got {alpha}")
+    if labels is None:
+        if alpha < 1.0:
+            raise ValueError(f"{op}: alpha={alpha} < 1 weighs a hard-label cross-entropy term: "
+                             f"pass labels=")
+        return alpha
+    check_tensor(op, "labels", labels, LABEL_DTYPES, "class indices")
+    if labels.shape != rows_shape:
+        raise ValueError(f"{op}: labels must have the logits' leading shape {tuple(rows_shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{op}: labels on {labels.device} but logits on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if alpha < 1.0 and is_plain_eager(labels):
+        counted = labels if mask is None else labels[mask]
+        bad = (counted != ignore_index) & ((counted < 0) | (counted >= classes))
+        if bool(bad.any()):
+            value = int(counted[bad][0])
+            raise ValueError(f"{op}: labels must be classes in [0, {classes}) or ignore_index "
+                             f"({ignore_index}), found {value}")
+    return alpha
 
 
 def check_mask(op: str, mask: Optional[torch.Tensor], rows_shape, device) -> None:

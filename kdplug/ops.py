@@ -1,14 +1,14 @@
 """kdplug's fused knowledge-distillation losses.
 
-`kd_kl_div(student_logits, teacher_logits, T)` is, per row of logits shaped [..., C],
-
-    T² · Σ_c p_c (log p_c − log q_c),   p = softmax(teacher/T), q = softmax(student/T)
-
-reduced by `reduction`; `kd_kl_div_topk` is the same with the teacher known on its top-k classes
-(as a teacher cache stores large vocabularies). The native kernels (csrc/) write the student's
-gradient while they compute the loss, so forward and backward together read each input once and
-write the gradient once. The pure-PyTorch paths have the same signatures and numerics, run
-wherever the compiled op is missing, and are the test oracles.
+`kd_loss(student_logits, teacher_logits, T, divergence=...)` is, per row of logits shaped [..., C],
+T²·D(p, q) with p = softmax(teacher/T), q = softmax(student/T) and D one of kl, reverse_kl, jsd,
+tvd, skew_kl, skew_reverse_kl, optionally fused with the hard-label cross-entropy
+(α·T²·D + (1 − α)·CE), reduced by `reduction`; `kd_kl_div` is its kl case. `kd_loss_topk` and
+`kd_kl_div_topk` take a teacher known on its top-k classes (as a teacher cache stores large
+vocabularies). The native kernels (csrc/) write the gradient while they compute the loss, so
+forward and backward together read each input once and write the gradient once. The pure-PyTorch
+paths have the same signatures and numerics, run wherever the compiled op is missing, and are the
+test oracles.
 """
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import os
 import torch
 
 from . import _ext
-from ._dense_op import kd_kl_div, kd_kl_div_reference
-from ._op_support import BACKENDS, REDUCTIONS
-from ._topk_op import REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference
+from ._dense_op import kd_kl_div, kd_kl_div_reference, kd_loss, kd_loss_reference
+from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS
+from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_loss_topk,
+                       kd_loss_topk_reference)
 
-__all__ = ["kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
-           "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status"]
+__all__ = ["kd_loss", "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference",
+           "kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
+           "DIVERGENCES", "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status"]
 
 
 def backend_status() -> dict:

@@ -1,5 +1,6 @@
-// Pieces shared by the CPU kernels: float vectors over any storage type, the fast exp, the
-// dtype dispatch, and the reuse of large gradient buffers.
+// Pieces shared by the CPU kernels: float vectors over any storage type, the fast exp, the lane
+// operations kd_math.h's templates need on vectors, the dtype dispatch, and the reuse of large
+// gradient buffers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,16 +49,26 @@ inline void store_vec(T* p, const Vec& v) {
   at::vec::convert_from_float<T>(v, v).store(p, kVec);
 }
 
-// A row's constants from the double-precision temperature and reduction scale, each rounded
-// once: 1/0.05 is exactly 20, but 1/float(0.05) is not.
-template <typename acc_t>
-struct RowConstants {
-  acc_t inv_t, t_scale, t_squared;  // 1/T, T * scale, T^2
-  RowConstants(double temperature, double scale)
-      : inv_t(static_cast<acc_t>(1.0 / temperature)),
-        t_scale(static_cast<acc_t>(temperature * scale)),
-        t_squared(static_cast<acc_t>(temperature * temperature)) {}
-};
+// n <= kVec elements as a vector, in float whatever the storage type: a row's tail is padded
+// with `fill` (-inf for logits: such a lane weighs 0 in every sum and every divergence term).
+template <typename T>
+inline Vec load_n(const T* p, int64_t n, float fill) {
+  if (n == kVec) return load_vec(p);
+  float lanes[kVec];
+  for (int64_t i = 0; i < kVec; ++i) lanes[i] = i < n ? static_cast<float>(p[i]) : fill;
+  return Vec::loadu(lanes);
+}
+
+template <typename T>
+inline void store_n(T* p, const Vec& v, int64_t n) {
+  if (n == kVec) {
+    store_vec(p, v);
+    return;
+  }
+  float lanes[kVec];
+  v.store(lanes);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(lanes[i]);
+}
 
 inline float hmax_nan(const Vec& v) {
   float lanes[kVec];
@@ -107,4 +118,21 @@ inline GradBufferCache& grad_buffer_cache() {
 }
 
 }  // namespace cpu
+
+// kd_math.h's lane operations on vectors, so its per-class templates run 16 (or 8) classes, or
+// rows, at once.
+template <>
+struct KdLane<cpu::Vec> {
+  using Vec = cpu::Vec;
+  static Vec where_pos(const Vec& c, const Vec& a) {
+    return Vec::blendv(Vec(0.f), a, c > Vec(0.f));
+  }
+  static Vec log(const Vec& v) { return v.log(); }
+  static Vec abs(const Vec& v) { return v.abs(); }
+  static Vec sign(const Vec& v) {
+    const Vec one(1.f), zero(0.f);
+    return ((v > zero) & one) - ((v < zero) & one);
+  }
+};
+
 }  // namespace kdplug

@@ -1,0 +1,190 @@
+// The CPU kernel of kdplug::kd_loss_fwd for rows of at most kSmallClasses classes (CIFAR-10's
+// 10, ImageNet-100's 100): a row is too short for its own vectors (a scalar loop per row would be
+// all per-row overhead and scalar exps), so blocks of kVec rows are transposed into float scratch,
+// class-major, and one vector lane holds one row. Every row statistic is then a lane-wise vector
+// operation over the classes, with the per-class arithmetic of kd_math.h instantiated on vectors;
+// the gradients are transposed back. A block's scratch (a few times kVec x C floats) stays in L1.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/kd_cpu.h"
+
+namespace kdplug {
+namespace cpu {
+namespace {
+
+using Consts = KernelConsts<float>;
+constexpr int64_t R = kVec;  // rows per block
+
+template <int DIV, bool HAS_GT, typename T>
+void small_blocks(const DenseProblem& p) {
+  const Consts c(p);
+  const int64_t cols = p.cols;
+  const int64_t blocks = (p.rows + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, 2048 / (R * cols));
+  const T* s_all = static_cast<const T*>(p.student);
+  const T* t_all = static_cast<const T*>(p.teacher);
+  T* gs_all = static_cast<T*>(p.grad_student);
+  T* gt_all = static_cast<T*>(p.grad_teacher);
+  float* loss_rows = static_cast<float*>(p.loss_rows);
+  const bool mixture = !is_online_divergence(DIV);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t plane = cols * R;  // one class-major [cols][R] array
+    std::vector<float> scratch(plane * 8);
+    float* bs = scratch.data();  // student logits
+    float* bt = bs + plane;      // teacher logits
+    float* ex = bt + plane;      // exp(x - max_x)
+    float* ey = ex + plane;      // exp(y - max_y)
+    float* es = ey + plane;      // exp(s - max_s), the hard-label term's own softmax (T != 1)
+    float* qg = es + plane;      // mixture divergences' q dphi/dq
+    float* pg = qg + plane;      // ... and p dphi/dp
+    float* gb = pg + plane;      // the gradient being built (student, then teacher)
+    const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * R;
+      const int64_t nr = std::min(R, p.rows - r0);
+      bool counted[R];
+      int64_t label[R];
+      for (int64_t r = 0; r < R; ++r) {
+        counted[r] = r < nr && (!p.mask || p.mask[r0 + r]);
+        label[r] = counted[r] ? c.label_of(p, r0 + r) : -1;
+        // rows that do not count are never read: their lanes compute on zeros
+        const T* s = s_all + (r0 + r) * cols;
+        const T* t = t_all + (r0 + r) * cols;
+        for (int64_t k = 0; k < cols; ++k) {
+          bs[k * R + r] = counted[r] ? static_cast<float>(s[k]) : 0.f;
+          bt[k * R + r] = counted[r] ? static_cast<float>(t[k]) : 0.f;
+        }
+      }
+      Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
+      for (int64_t k = 0; k < cols; ++k) {
+        vmax_s = at::vec::maximum(vmax_s, Vec::loadu(bs + k * R));
+        vmax_t = at::vec::maximum(vmax_t, Vec::loadu(bt + k * R));
+      }
+      RowStatsT<Vec> st{vmax_s * vinv, zero, vmax_t * vinv, zero, zero};
+      Vec sum_s(0.f);
+      for (int64_t k = 0; k < cols; ++k) {
+        const Vec sv = Vec::loadu(bs + k * R);
+        const Vec x = sv * vinv, y = Vec::loadu(bt + k * R) * vinv;
+        const Vec exv = fast_exp(x - st.max_x), eyv = fast_exp(y - st.max_y);
+        st.sum_x = st.sum_x + exv;
+        st.sum_y = st.sum_y + eyv;
+        if constexpr (DIV == kKL) st.cross = st.cross + ((eyv != zero) & (eyv * (y - x)));
+        if constexpr (DIV == kReverseKL) st.cross = st.cross + ((exv != zero) & (exv * (x - y)));
+        exv.store(ex + k * R);
+        eyv.store(ey + k * R);
+        if (c.ce_separate) {
+          const Vec esv = fast_exp(sv - vmax_s);
+          sum_s = sum_s + esv;
+          esv.store(es + k * R);
+        }
+      }
+      const RowResultT<Vec> res{st.max_x, st.sum_x.log(), st.max_y, st.sum_y.log()};
+      const Vec fq = Vec(1.f) / st.sum_x, fp = Vec(1.f) / st.sum_y;
+      RowTermsT<Vec> terms;
+      if constexpr (is_online_divergence(DIV)) {
+        terms = online_row_terms<DIV>(st, res);
+      } else {
+        terms = {zero, zero, zero};
+        for (int64_t k = 0; k < cols; ++k) {
+          const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
+          const ClassTerms<Vec> ct =
+              divergence_terms<DIV>(Vec::loadu(ey + k * R) * fp, Vec::loadu(ex + k * R) * fq,
+                                    log_p_of(y, res), log_q_of(x, res), vbeta);
+          terms.value = terms.value + ct.value;
+          terms.gq = terms.gq + ct.qg;
+          terms.gp = terms.gp + ct.pg;
+          ct.qg.store(qg + k * R);
+          ct.pg.store(pg + k * R);
+        }
+      }
+      // The hard-label term's log-sum-exp at T = 1 and its value per lane.
+      const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
+      const Vec ce_log_sum = c.ce_separate ? sum_s.log() : res.log_sum_x;
+      const Vec fs = c.ce_separate ? Vec(1.f) / sum_s : fq;
+      float s_label[R];
+      for (int64_t r = 0; r < R; ++r) s_label[r] = label[r] < 0 ? 0.f : bs[label[r] * R + r];
+      // Each lane's coefficients: no hard-label term where the row's label does not count.
+      float lane_ce[R], lane_coef[R];
+      ((ce_max + ce_log_sum) - Vec::loadu(s_label)).store(lane_ce);
+      for (int64_t r = 0; r < R; ++r) {
+        lane_ce[r] = label[r] < 0 ? 0.f : lane_ce[r];
+        lane_coef[r] = label[r] < 0 ? 0.f : c.k.ce;
+      }
+      const TermCoefsT<Vec> coefs{Vec(c.k.kd_loss), Vec(c.k.kd_grad), Vec::loadu(lane_coef)};
+      float loss[R], lanes_finite[4][R];
+      (coefs.kd_loss * terms.value + coefs.ce * Vec::loadu(lane_ce)).store(loss);
+      res.max_x.store(lanes_finite[0]);
+      res.max_y.store(lanes_finite[1]);
+      res.log_sum_x.store(lanes_finite[2]);
+      res.log_sum_y.store(lanes_finite[3]);
+      bool finite[R];
+      for (int64_t r = 0; r < nr; ++r) {
+        finite[r] = std::isfinite(lanes_finite[0][r]) && std::isfinite(lanes_finite[1][r]) &&
+                    std::isfinite(lanes_finite[2][r]) && std::isfinite(lanes_finite[3][r]);
+        loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
+      }
+      if (!gs_all && !gt_all) continue;
+
+      // Gradients, class-major, then transposed back into each row.
+      auto write_rows = [&](T* out_all) {
+        for (int64_t r = 0; r < nr; ++r) {
+          T* out = out_all + (r0 + r) * cols;
+          if (!counted[r] || !finite[r]) {
+            std::fill(out, out + cols, static_cast<T>(counted[r] ? NAN : 0.f));
+            continue;
+          }
+          for (int64_t k = 0; k < cols; ++k) out[k] = static_cast<T>(gb[k * R + r]);
+        }
+      };
+      auto class_terms = [&](int64_t k, const Vec& p_k, const Vec& q_k) {
+        if constexpr (mixture) {
+          return ClassTerms<Vec>{zero, Vec::loadu(qg + k * R), Vec::loadu(pg + k * R)};
+        } else {
+          const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
+          return divergence_terms<DIV>(p_k, q_k, log_p_of(y, res), log_q_of(x, res), vbeta);
+        }
+      };
+      if (gs_all) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const Vec q_k = Vec::loadu(ex + j * R) * fq, p_k = Vec::loadu(ey + j * R) * fp;
+          const Vec sigma = c.ce_separate ? Vec::loadu(es + j * R) * fs : q_k;
+          grad_student_of(class_terms(j, p_k, q_k), q_k, sigma, terms, coefs).store(gb + j * R);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          if (label[r] >= 0) gb[label[r] * R + r] -= c.k.ce;
+        }
+        write_rows(gs_all);
+      }
+      if constexpr (HAS_GT) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const Vec q_k = Vec::loadu(ex + j * R) * fq, p_k = Vec::loadu(ey + j * R) * fp;
+          grad_teacher_of(class_terms(j, p_k, q_k), p_k, terms, coefs).store(gb + j * R);
+        }
+        write_rows(gt_all);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void dense_small(const DenseProblem& p) {
+  with_divergence(p.divergence, [&](auto div) {
+    constexpr int DIV = decltype(div)::value;
+    KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd", [&] {
+      if (p.grad_teacher) {
+        small_blocks<DIV, true, scalar_t>(p);
+      } else {
+        small_blocks<DIV, false, scalar_t>(p);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace kdplug
