@@ -5,12 +5,17 @@
 
 #include <cmath>
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <c10/util/Exception.h>
 
 #include "kd_math.h"
+#include "kd_namespace.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 
 // Losses are accumulated and returned in float32, or float64 for float64 inputs.
 inline at::ScalarType acc_dtype(const at::Tensor& student) {
@@ -178,4 +183,4 @@ inline at::Tensor reduce_loss_rows(const at::Tensor& loss_rows, int64_t reductio
   return reduction == kNone ? loss_rows : loss_rows.sum();
 }
 
-}  // namespace kdplug
+KD_NAMESPACE_END

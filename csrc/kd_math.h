@@ -20,13 +20,15 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kd_namespace.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define KD_HD __host__ __device__ __forceinline__
 #else
 #define KD_HD inline
 #endif
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 
 // Reduction codes shared by the schema and the kernels.
 enum Reduction : int { kNone = 0, kSum = 1, kBatchMean = 2 };
@@ -289,14 +291,42 @@ KD_HD RowTermsT<acc_t> online_row_terms(const RowStatsT<acc_t>& st, const RowRes
   }
 }
 
+// The CUDA kernels (and the portable CPU path that mirrors them) are templates over a "kind":
+// kl and reverse_kl, with their own statistics, or kMixture, the divergences whose terms need the
+// normalized p and q, picked at run time (one instantiation instead of four).
+constexpr int kMixture = -1;
+
+KD_HD constexpr int divergence_kind(int d) { return is_online_divergence(d) ? d : kMixture; }
+
+template <typename V>
+KD_HD ClassTerms<V> divergence_terms_dynamic(int d, V p, V q, V log_p, V log_q, V beta) {
+  switch (d) {
+    case kJSD: return divergence_terms<kJSD>(p, q, log_p, log_q, beta);
+    case kTVD: return divergence_terms<kTVD>(p, q, log_p, log_q, beta);
+    case kSkewKL: return divergence_terms<kSkewKL>(p, q, log_p, log_q, beta);
+    case kSkewReverseKL: return divergence_terms<kSkewReverseKL>(p, q, log_p, log_q, beta);
+    case kReverseKL: return divergence_terms<kReverseKL>(p, q, log_p, log_q, beta);
+    default: return divergence_terms<kKL>(p, q, log_p, log_q, beta);
+  }
+}
+
+template <int KIND, typename V>
+KD_HD ClassTerms<V> kind_terms(int d, V p, V q, V log_p, V log_q, V beta) {
+  if constexpr (KIND == kMixture) {
+    return divergence_terms_dynamic(d, p, q, log_p, log_q, beta);
+  } else {
+    return divergence_terms<KIND>(p, q, log_p, log_q, beta);
+  }
+}
+
 // The per-class terms of a row from x and y (exps recomputed), for the portable and CUDA paths.
-template <int DIV, typename acc_t>
-KD_HD ClassTerms<acc_t> class_terms_of(acc_t x, acc_t y, const RowResultT<acc_t>& r, acc_t beta,
-                                       acc_t* p_out, acc_t* q_out) {
+template <int KIND, typename acc_t>
+KD_HD ClassTerms<acc_t> class_terms_of(int d, acc_t x, acc_t y, const RowResultT<acc_t>& r,
+                                       acc_t beta, acc_t* p_out, acc_t* q_out) {
   const acc_t log_p = log_p_of(y, r), log_q = log_q_of(x, r);
   *p_out = kd_exp(log_p);
   *q_out = kd_exp(log_q);
-  return divergence_terms<DIV>(*p_out, *q_out, log_p, log_q, beta);
+  return kind_terms<KIND>(d, *p_out, *q_out, log_p, log_q, beta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,6 +517,26 @@ struct DivergenceTag {
 };
 
 template <typename F>
+KD_HD auto with_kind(int divergence, F&& f) {
+  switch (divergence_kind(divergence)) {
+    case kKL: return f(DivergenceTag<kKL>{});
+    case kReverseKL: return f(DivergenceTag<kReverseKL>{});
+    default: return f(DivergenceTag<kMixture>{});
+  }
+}
+
+// The four divergences of kind kMixture.
+template <typename F>
+KD_HD auto with_mixture_divergence(int divergence, F&& f) {
+  switch (divergence) {
+    case kTVD: return f(DivergenceTag<kTVD>{});
+    case kSkewKL: return f(DivergenceTag<kSkewKL>{});
+    case kSkewReverseKL: return f(DivergenceTag<kSkewReverseKL>{});
+    default: return f(DivergenceTag<kJSD>{});
+  }
+}
+
+template <typename F>
 KD_HD auto with_divergence(int divergence, F&& f) {
   switch (divergence) {
     case kReverseKL: return f(DivergenceTag<kReverseKL>{});
@@ -498,4 +548,4 @@ KD_HD auto with_divergence(int divergence, F&& f) {
   }
 }
 
-}  // namespace kdplug
+KD_NAMESPACE_END

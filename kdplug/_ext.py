@@ -1,7 +1,8 @@
 """Finds kdplug's compiled op: the prebuilt extension, else a JIT build with ninja, else nothing.
 
 The outcome is decided once per process and remembered with the reason, so `kdplug doctor` can say
-which backend runs and why, and the fallback warns a single time.
+which backend runs and why, and the fallback warns a single time. Once the op is loaded, the copy
+of the CPU kernels to run is selected (kdplug/_cpu_capability.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import _build_flags, _cpu_capability
 
 FORCE_TORCH_ENV = "KDPLUG_FORCE_TORCH"
 NO_JIT_ENV = "KDPLUG_NO_JIT"
@@ -45,21 +48,33 @@ def _env_flag(name: str) -> bool:
 
 
 def _csrc_dir() -> Optional[Path]:
-    candidate = Path(__file__).resolve().parent.parent / "csrc"
-    return candidate if (candidate / "kd_loss.cpp").exists() else None
+    """The C++ sources: shipped in the package (kdplug/_csrc), or a checkout's csrc/ beside it."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if (candidate / "kd_loss.cpp").exists():
+            return candidate
+    return None
 
 
 def _jit_build() -> None:
-    """Builds the CPU kernel with torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR)."""
+    """Builds the CPU kernels with torch.utils.cpp_extension.load (cached under
+    TORCH_EXTENSIONS_DIR), for this host only: one capability, the one KDPLUG_CPU_CAPABILITY
+    names or else the best this CPU has, and every file compiled with its flags."""
     from torch.utils import cpp_extension
 
     csrc = _csrc_dir()
     if csrc is None:
-        raise RuntimeError("no csrc/ folder beside the package to build from")
-    sources = [str(csrc / "kd_loss.cpp"), *sorted(glob.glob(str(csrc / "cpu" / "*.cpp")))]
-    cpp_extension.load(name="kdplug_jit_C", sources=sources, extra_include_paths=[str(csrc)],
-                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
+        raise RuntimeError("no C++ sources to build from (kdplug/_csrc, or csrc/ in a checkout)")
+    requested = os.environ.get(_cpu_capability.ENV, "").strip().lower()
+    capability = (requested if requested in _build_flags.CAPABILITIES
+                  else _cpu_capability.host_capability())
+    sources = sorted(glob.glob(str(csrc / "*.cpp"))) + sorted(glob.glob(str(csrc / "cpu" / "*.cpp")))
+    cpp_extension.load(name=f"kdplug_jit_C_{capability}", sources=sources,
+                       extra_include_paths=[str(csrc)],
+                       extra_cflags=[*_build_flags.CXX_FLAGS,
+                                     *_build_flags.CPU_CAPABILITY_FLAGS[capability]],
+                       extra_ldflags=_build_flags.LINK_FLAGS, is_python_module=False,
+                       verbose=False)
 
 
 def _find() -> NativeStatus:
@@ -82,11 +97,17 @@ def _find() -> NativeStatus:
 
 
 def native_status() -> NativeStatus:
-    """Whether the compiled op is available, and why (decided once per process)."""
+    """Whether the compiled op is available, and why (decided once per process).
+
+    Raises CpuCapabilityError when KDPLUG_CPU_CAPABILITY asks for a capability the CPU or the
+    build lacks; that outcome is not remembered, so every use of the op says it."""
     global _status
     with _lock:
         if _status is None:
-            _status = _find()
+            status = _find()
+            if status.available:
+                _cpu_capability.select_from_env()
+            _status = status
         return _status
 
 

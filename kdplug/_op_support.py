@@ -2,12 +2,11 @@
 the scaling of a gradient the forward already computed."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from . import _ext
+from . import _ext, hyperparameters
 
 REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 BACKENDS = ("auto", "native", "torch")
@@ -40,17 +39,14 @@ def check_same_device(op: str, name: str, value: torch.Tensor, other_name: str,
 
 
 def check_temperature(op: str, temperature) -> float:
+    """T as a float (a one-element tensor is read as its number), checked by the rule every
+    part of kdplug shares (kdplug.hyperparameters)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"{op}: temperature must be a number, got a tensor of shape "
                              f"{tuple(temperature.shape)}")
         temperature = temperature.item()
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-    return temperature
+    return hyperparameters.check_temperature(temperature, prefix=f"{op}: ")
 
 
 def check_choice(op: str, name: str, value, choices) -> None:
@@ -80,10 +76,9 @@ def check_labels(op: str, labels, alpha, rows_shape, device, classes: int, ignor
                  mask) -> float:
     """α in [0, 1]; labels (class indices shaped like the rows) when α < 1; their values in
     eager mode: a class or ignore_index in every counted row."""
-    alpha = check_number(op, "alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
-        raise ValueError(f"{op}: alpha must be in [0, 1] (loss = alpha*divergence + "
-                         f"(1-alpha)*cross-entropy), got {alpha}")
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    alpha = hyperparameters.check_alpha(alpha, prefix=f"{op}: ")
     if labels is None:
         if alpha < 1.0:
             raise ValueError(f"{op}: alpha={alpha} < 1 weighs a hard-label cross-entropy term: "

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Dict, Optional, Union
 
-from . import __version__
+from ._version import __version__
+from .commands import plugin_commands
 from .errors import KdplugError
 from .plugins import get_plugin_manager
 from .registry import Registration
@@ -98,10 +99,12 @@ def plugin_report() -> Dict[str, Any]:
     """Everything ``kdplug plugins`` shows, as JSON-ready data.
 
     ``{"kdplug_version", "plugins": [{"name", "distribution", "version", "module", "hooks",
-    "registered": {kind: [names]}}], "failed": [...], "skipped": [...]}``
+    "registered": {kind: [names]}, "descriptions": {kind: {name: description or None}},
+    "commands": [names]}], "failed": [...], "skipped": [...]}``
     """
     pm = get_plugin_manager()
     registry = pm.registry
+    commands = plugin_commands(pm)
     plugins = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:  # a blocked name
@@ -114,6 +117,8 @@ def plugin_report() -> Dict[str, Any]:
             "module": getattr(plugin, "__name__", None) or type(plugin).__name__,
             "hooks": sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()),
             "registered": registry.names_by_plugin(name),
+            "descriptions": registry.descriptions_by_plugin(name),
+            "commands": sorted(c.name for c in commands if c.plugin == name),
         })
     return {
         "kdplug_version": __version__,

@@ -4,20 +4,22 @@ Registered, through the same ``register_losses`` hook a third-party plugin uses:
 
 =========================  ==========================================================================
 ``hidden``                 MSE between student and teacher hidden states through a learned projection
-                           (student width -> teacher width), TinyBERT-style, uniform layer map
+                           (student width -> teacher width), TinyBERT-style, uniform layer map; for
+                           CNN feature maps [B, C, H, W] the projection is a 1×1 convolution
 ``attention``              KL(teacher attention ‖ student attention) per query row, MiniLM-style,
                            last layer by default
-``hint``                   FitNets hint: the same projected MSE, for CNN feature maps [B, C, H, W]
-                           (a 1×1 convolution over channels)
 ``kd+ce+hidden``           the logit loss ``kd+ce`` plus ``hidden_weight`` × ``hidden``
 ``kd+ce+attention``        ``kd+ce`` plus ``attention_weight`` × ``attention``
 ``kd+ce+hidden+attention`` ``kd+ce`` plus both (TinyBERT's intermediate terms with Hinton's KD)
-``kd+ce+hint``             ``kd+ce`` plus ``hidden_weight`` × ``hint``
 =========================  ==========================================================================
+
+``hint`` and ``kd+ce+hint`` are FitNets' names for ``hidden`` and ``kd+ce+hidden``: the same
+factories, registered under both names (``info["alias_of"]`` says which).
 
 Every one of them is a :class:`FeatureDistillLoss`: ``base`` (a logit loss created by name through
 ``kdplug.create_loss``, e.g. ``"kd+ce"``; ``"none"`` for the feature terms alone) plus weighted
-feature terms. Any of them takes every option, so ``hint`` with ``base="kd+ce"`` is ``kd+ce+hint``.
+feature terms. Any of them takes every option, so ``hidden`` with ``base="kd+ce"`` is
+``kd+ce+hidden``.
 The model-agnostic mechanism: the loss's ``requires`` set makes the engine call the models with
 ``output_hidden_states=True`` / ``output_attentions=True``, and the loss reads
 ``ModelOutput.hidden_states`` / ``.attentions``: per layer ``[B, L, d]`` (Transformers), ``[B, C, H,
@@ -40,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdplug
-from kdplug.outputs import as_model_output
+from .api import create_loss
+from .errors import KdplugError
+from .hookspecs import hookimpl
+from .outputs import as_model_output
 
 LayerMap = Union[str, Sequence[Tuple[int, int]], Dict[int, int]]
 
@@ -69,7 +73,7 @@ def parse_layer_map(layer_map: LayerMap) -> Union[str, List[Tuple[int, int]]]:
                 s, t = part.split(":")
                 pairs.append((int(s), int(t)))
             except ValueError:
-                raise kdplug.KdplugError(
+                raise KdplugError(
                     f"layer map {layer_map!r}: expected 'uniform', 'last', 'middle' or pairs "
                     f"'student:teacher,...' such as '1:3,2:6'") from None
     elif isinstance(layer_map, dict):
@@ -78,10 +82,10 @@ def parse_layer_map(layer_map: LayerMap) -> Union[str, List[Tuple[int, int]]]:
         try:
             pairs = [(int(s), int(t)) for s, t in layer_map]
         except (TypeError, ValueError):
-            raise kdplug.KdplugError(f"layer map {layer_map!r}: expected 'uniform', 'last', "
+            raise KdplugError(f"layer map {layer_map!r}: expected 'uniform', 'last', "
                                      f"'middle' or (student, teacher) pairs") from None
     if not pairs:
-        raise kdplug.KdplugError(f"layer map {layer_map!r} is empty")
+        raise KdplugError(f"layer map {layer_map!r} is empty")
     return pairs
 
 
@@ -95,7 +99,7 @@ def resolve_layer_map(layer_map: Union[str, List[Tuple[int, int]]], n_student: i
     last: the last to the last. middle: the middle to the middle (FitNets' single hint).
     """
     if n_student < 1 or n_teacher < 1:
-        raise kdplug.KdplugError(f"no {what} to distil: the student gave {n_student} and the "
+        raise KdplugError(f"no {what} to distil: the student gave {n_student} and the "
                                  f"teacher {n_teacher}")
     if layer_map == "uniform":
         if n_student == 1:
@@ -108,7 +112,7 @@ def resolve_layer_map(layer_map: Union[str, List[Tuple[int, int]]], n_student: i
     pairs = []
     for s, t in layer_map:
         if not (-n_student <= s < n_student and -n_teacher <= t < n_teacher):
-            raise kdplug.KdplugError(
+            raise KdplugError(
                 f"layer map pair {s}:{t} is out of range: the student gave {n_student} {what} "
                 f"(indices 0..{n_student - 1}) and the teacher {n_teacher} "
                 f"(0..{n_teacher - 1})")
@@ -125,7 +129,7 @@ def _features(out: Any, attribute: str, side: str) -> Tuple[torch.Tensor, ...]:
     value = getattr(as_model_output(out), attribute)
     if not value:
         flag = "output_hidden_states" if attribute == "hidden_states" else "output_attentions"
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"the {side} returned no {attribute}; this loss needs models that return them when "
             f"called with {flag}=True (as ModelOutput.{attribute})")
     return tuple(value)
@@ -160,7 +164,7 @@ class HiddenStateLoss(nn.Module):
     def __init__(self, layer_map: LayerMap = "uniform", projection: str = "auto") -> None:
         super().__init__()
         if projection not in ("auto", "linear", "none"):
-            raise kdplug.KdplugError(f"projection must be 'auto', 'linear' or 'none', "
+            raise KdplugError(f"projection must be 'auto', 'linear' or 'none', "
                                      f"got {projection!r}")
         self.layer_map = parse_layer_map(layer_map)
         self.projection = projection
@@ -175,13 +179,13 @@ class HiddenStateLoss(nn.Module):
 
     def _make_projection(self, s_feat: torch.Tensor, t_feat: torch.Tensor) -> nn.Module:
         if s_feat.dim() != t_feat.dim():
-            raise kdplug.KdplugError(f"cannot match a student feature {tuple(s_feat.shape)} to a "
+            raise KdplugError(f"cannot match a student feature {tuple(s_feat.shape)} to a "
                                      f"teacher feature {tuple(t_feat.shape)}: different ranks")
         d_s, d_t = s_feat.shape[1 if s_feat.dim() == 4 else -1], t_feat.shape[
             1 if t_feat.dim() == 4 else -1]
         if self.projection == "none":
             if d_s != d_t:
-                raise kdplug.KdplugError(f"projection='none' needs equal widths, but the student "
+                raise KdplugError(f"projection='none' needs equal widths, but the student "
                                          f"feature has {d_s} and the teacher's {d_t}")
             return nn.Identity()
         if s_feat.dim() == 4 and self.projection == "auto":
@@ -246,7 +250,7 @@ class HiddenStateLoss(nn.Module):
         if projected.shape != target.shape:
             hint = (" (teacher and student use different tokenizations or sequence lengths?)"
                     if projected.dim() == 3 else "")
-            raise kdplug.KdplugError(
+            raise KdplugError(
                 f"hidden-state pair student[{s}] {tuple(s_feat.shape)} -> teacher[{t}] "
                 f"{tuple(t_feat.shape)}: shapes differ after projection ({tuple(projected.shape)} "
                 f"vs {tuple(target.shape)}){hint}")
@@ -300,7 +304,7 @@ class AttentionKLLoss(nn.Module):
     def __init__(self, layers: LayerMap = "last", heads: str = "auto", eps: float = 1e-12) -> None:
         super().__init__()
         if heads not in ("auto", "mean"):
-            raise kdplug.KdplugError(f"heads must be 'auto' or 'mean', got {heads!r}")
+            raise KdplugError(f"heads must be 'auto' or 'mean', got {heads!r}")
         self.layers = parse_layer_map(layers)
         self.heads = heads
         self.eps = eps
@@ -325,7 +329,7 @@ class AttentionKLLoss(nn.Module):
                    t: int, outs: Sequence[Any] = ()) -> torch.Tensor:
         if p_s.dim() != 4 or p_t.dim() != 4 or p_s.shape[-2:] != p_t.shape[-2:] or \
                 p_s.shape[0] != p_t.shape[0]:
-            raise kdplug.KdplugError(
+            raise KdplugError(
                 f"attention pair student[{s}] {tuple(p_s.shape)} -> teacher[{t}] "
                 f"{tuple(p_t.shape)}: expected [batch, heads, L, L] maps of the same batch and "
                 f"length (teacher and student use different tokenizations?)")
@@ -373,17 +377,17 @@ class FeatureDistillLoss(nn.Module):
         hidden_weight, attention_weight = float(hidden_weight), float(attention_weight)
         for name, w in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
             if not w >= 0:
-                raise kdplug.KdplugError(f"{name} must be >= 0, got {w}")
+                raise KdplugError(f"{name} must be >= 0, got {w}")
         if base in (None, "", "none"):
             if base_options:
-                raise kdplug.KdplugError(f"unknown loss option(s) "
+                raise KdplugError(f"unknown loss option(s) "
                                          f"{', '.join(sorted(base_options))} (no base loss)")
             base_loss = None
         else:
-            base_loss = kdplug.create_loss(base, temperature=temperature, alpha=alpha,
+            base_loss = create_loss(base, temperature=temperature, alpha=alpha,
                                            **base_options)
         if base_loss is None and hidden_weight == 0 and attention_weight == 0:
-            raise kdplug.KdplugError("this loss has no term: give a base loss, hidden_weight > 0 "
+            raise KdplugError("this loss has no term: give a base loss, hidden_weight > 0 "
                                      "or attention_weight > 0")
         self.base_name = None if base_loss is None else base
         if isinstance(base_loss, nn.Module):
@@ -455,12 +459,12 @@ def check_logits_match(student_out: Any, teacher_out: Any) -> None:
     t = as_model_output(teacher_out).logits
     if s.shape[-1] != t.shape[-1]:
         what = "vocabulary" if s.dim() >= 3 else "number of classes"
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"teacher and student differ in {what}: teacher logits have {t.shape[-1]}, student "
             f"logits {s.shape[-1]} (shapes {tuple(t.shape)} and {tuple(s.shape)}); logit "
             f"distillation needs one {what} — use one tokenizer/vocab_size for both")
     if s.shape[:-1] != t.shape[:-1]:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in "
             f"their leading (batch/token) shape; do both models see the same tokenization?")
 
@@ -479,24 +483,33 @@ def _factory(name: str, **defaults: Any):
 
 LOSSES: Dict[str, Tuple[Dict[str, Any], str]] = {
     "hidden": (dict(base="none", hidden_weight=1.0),
-               "MSE of hidden states through a learned projection (TinyBERT), uniform layer map"),
+               "MSE of hidden states or feature maps through a learned projection (Linear for "
+               "[B, L, d], 1×1 conv for [B, C, H, W]; TinyBERT), uniform layer map"),
     "attention": (dict(base="none", attention_weight=1.0),
                   "KL between attention maps (MiniLM), last layer by default"),
-    "hint": (dict(base="none", hidden_weight=1.0),
-             "FitNets hint: projected MSE of feature maps (1×1 conv over channels)"),
     "kd+ce+hidden": (dict(base="kd+ce", hidden_weight=1.0),
                      "kd+ce plus hidden_weight × hidden"),
     "kd+ce+attention": (dict(base="kd+ce", attention_weight=1.0),
                         "kd+ce plus attention_weight × attention"),
     "kd+ce+hidden+attention": (dict(base="kd+ce", hidden_weight=1.0, attention_weight=1.0),
                                "kd+ce plus hidden and attention terms (TinyBERT-style)"),
-    "kd+ce+hint": (dict(base="kd+ce", hidden_weight=1.0), "kd+ce plus hidden_weight × hint"),
 }
+#: FitNets' name for the projected feature-map MSE: the same loss as its target, under that name.
+ALIASES = {"hint": "hidden", "kd+ce+hint": "kd+ce+hidden"}
 
 
-@kdplug.hookimpl
+def _requires(defaults: Dict[str, Any]) -> List[str]:
+    return ((["hidden_states"] if defaults.get("hidden_weight") else [])
+            + (["attentions"] if defaults.get("attention_weight") else []))
+
+
+@hookimpl
 def register_losses(register):
+    factories = {}
     for name, (defaults, description) in LOSSES.items():
-        register(name, _factory(name, **defaults), description=description,
-                 requires=sorted({"hidden_states"} if defaults.get("hidden_weight") else set())
-                 + (["attentions"] if defaults.get("attention_weight") else []))
+        factories[name] = _factory(name, **defaults)
+        register(name, factories[name], description=description, requires=_requires(defaults))
+    for alias, target in ALIASES.items():
+        register(alias, factories[target], alias_of=target,
+                 description=f"{target} under FitNets' name (hints on CNN feature maps)",
+                 requires=_requires(LOSSES[target][0]))

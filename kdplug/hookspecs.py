@@ -12,7 +12,10 @@ gave what::
     register(name: str, factory: Callable, **info) -> None
 
 ``name`` is unique per kind across all plugins; ``info`` is free-form metadata kept with the entry
-(e.g. ``description="..."``).
+(``description="..."`` is shown by ``kdplug plugins``).
+
+``register_commands(cli)`` is the one hook of another shape: it adds subcommands to the ``kdplug``
+command line.
 """
 from __future__ import annotations
 
@@ -71,4 +74,17 @@ def register_datasets(register):
     splits plus what the models must agree on (``num_classes``, ``input_shape`` and, for token data,
     ``vocab_size``), so a mismatched teacher or student is caught before training.
     ``kdplug.create_dataset(name, **options)`` calls it.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the ``kdplug`` command line. All implementations are called; return
+    values ignored.
+
+    ``cli`` is a ``click.Group``: define commands with ``@cli.command()`` (or
+    ``cli.add_command(...)``, or a ``@cli.group()`` of several). They become ``kdplug NAME``, with
+    ``--help`` and kdplug's ``Error: …`` messages; a name that kdplug or another plugin already
+    uses is an error naming both. Keep a command a thin layer over Python functions, as kdplug's
+    own are. ``kdplug plugins`` lists the commands each plugin adds.
     """

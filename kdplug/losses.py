@@ -32,38 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdplug
-from kdplug.cache.targets import teacher_topk
-from kdplug.outputs import as_model_output
+from .cache.targets import teacher_topk
+from .errors import KdplugError
+from .hookspecs import hookimpl
+from .hyperparameters import check_alpha, check_temperature
+from .outputs import as_model_output
 
 IGNORE_INDEX = -100
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "KDCrossEntropyLoss", "check_temperature", "check_alpha",
            "cross_entropy", "token_mask", "register_losses"]
-
-
-def check_temperature(temperature: Any) -> float:
-    """T as a float; a clear KdplugError unless it is a finite number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise kdplug.KdplugError(f"temperature must be a number > 0, got {temperature!r}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise kdplug.KdplugError(
-            f"temperature must be finite and > 0, got {temperature:g} (T softens the logits as "
-            "softmax(logits/T); T=1 is the plain softmax, 2..8 is usual for distillation)")
-    return temperature
-
-
-def check_alpha(alpha: Any) -> float:
-    """α as a float; a clear KdplugError unless 0 <= α <= 1."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise kdplug.KdplugError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
-        raise kdplug.KdplugError(
-            f"alpha must be in [0, 1], got {alpha:g} (loss = alpha*kd + (1-alpha)*ce: "
-            "alpha=1 is soft targets only, alpha=0 is hard labels only)")
-    return alpha
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -95,7 +73,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     if labels.numel() != logits.shape[0]:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"cross-entropy: {logits.shape[0]} rows of logits but {labels.numel()} labels")
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
@@ -143,13 +121,13 @@ class KDLoss(nn.Module):
         topk = teacher_topk(teacher_out)
         if topk is None:
             # here, not at the top: listing plugins need not load the compiled op
-            from kdplug.ops import kd_loss
+            from .ops import kd_loss
 
             teacher_logits = _logits(teacher_out)
             if teacher_logits.dtype != student_logits.dtype:  # e.g. one model outside autocast
                 teacher_logits = teacher_logits.to(student_logits.dtype)
             return kd_loss(student_logits, teacher_logits.detach(), self.temperature, **options)
-        from kdplug.ops import kd_loss_topk
+        from .ops import kd_loss_topk
 
         indices, logprobs = topk
         return kd_loss_topk(student_logits, indices, logprobs.detach(), self.temperature,
@@ -191,30 +169,30 @@ def _labels_for(logits: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
     rows = logits.shape[:-1]
     if labels.shape != rows:
         if labels.numel() != math.prod(rows):
-            raise kdplug.KdplugError(f"cross-entropy: {math.prod(rows)} rows of logits but "
+            raise KdplugError(f"cross-entropy: {math.prod(rows)} rows of logits but "
                                      f"{labels.numel()} labels")
         labels = labels.reshape(rows)
     return labels
 
 
 def _beta_divergences():
-    from kdplug._op_support import BETA_DIVERGENCES
+    from ._op_support import BETA_DIVERGENCES
 
     return BETA_DIVERGENCES
 
 
 def _check_divergence(divergence: Any, beta: Any):
-    from kdplug._op_support import DIVERGENCES
+    from ._op_support import DIVERGENCES
 
     if divergence not in DIVERGENCES:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r} (see "
             "kdplug.ops.kd_loss)")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise kdplug.KdplugError(f"beta must be a number in (0, 1), got {beta!r}")
+        raise KdplugError(f"beta must be a number in (0, 1), got {beta!r}")
     beta = float(beta)
     if divergence in _beta_divergences() and not 0.0 < beta < 1.0:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"beta must be in (0, 1) for divergence {divergence!r}, got {beta:g} (the mixing "
             "weight m = beta*p_teacher + (1-beta)*q_student)")
     return divergence, beta
@@ -222,20 +200,20 @@ def _check_divergence(divergence: Any, beta: Any):
 
 def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
             f"its options are temperature, alpha, backend, rest, divergence and beta")
 
 
 def _check_rest(rest: Any) -> str:
     if rest not in ("renormalize", "bucket"):
-        raise kdplug.KdplugError(
+        raise KdplugError(
             f"rest must be 'renormalize' or 'bucket', got {rest!r} (how a top-k teacher's mass "
-            "outside its k classes is treated; see kdplug.ops.kd_kl_div_topk)")
+            "outside its k classes is treated; see kdplug.ops.kd_loss_topk)")
     return rest
 
 
-@kdplug.hookimpl
+@hookimpl
 def register_losses(register):
     register("ce", CrossEntropyLoss,
              description="cross-entropy on the hard labels only (a student trained alone)")

@@ -12,11 +12,12 @@ test oracles.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from . import _ext
+from . import _cpu_capability, _ext
 from ._dense_op import kd_kl_div, kd_kl_div_reference, kd_loss, kd_loss_reference
 from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS
 from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_loss_topk,
@@ -31,6 +32,7 @@ def backend_status() -> dict:
     """Which backend the ops use with backend="auto", and why; for `kdplug doctor`."""
     status = _ext.native_status()
     forced = _ext._env_flag(_ext.FORCE_TORCH_ENV)
+    cpu = _cpu_capability.current() if status.available else None
     return {
         "backend": "native" if status.available and not forced else "torch",
         "native_available": status.available,
@@ -40,7 +42,10 @@ def backend_status() -> dict:
         "force_torch_env": _ext.FORCE_TORCH_ENV,
         "torch_version": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's own kernels
+        # the copy of kdplug's CPU kernels in use, why, and what the build and the CPU offer
+        "native_cpu_capability": dataclasses.asdict(cpu) if cpu else None,
         "env_overrides": {k: v for k, v in os.environ.items()
-                          if k in (_ext.FORCE_TORCH_ENV, _ext.NO_JIT_ENV, "KDPLUG_CPU_GRAD_CACHE")},
+                          if k in (_ext.FORCE_TORCH_ENV, _ext.NO_JIT_ENV, _cpu_capability.ENV,
+                                   "KDPLUG_CPU_GRAD_CACHE")},
     }

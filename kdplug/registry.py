@@ -49,6 +49,12 @@ class Registration:
         _check_product(self, product)
         return product
 
+    @property
+    def description(self) -> Optional[str]:
+        """The ``description=`` given to ``register``, if any."""
+        value = self.info.get("description")
+        return None if value is None else str(value)
+
     def origin(self) -> str:
         """'plugin' or 'plugin' (distribution version), for error messages."""
         if self.distribution is None:
@@ -131,6 +137,14 @@ class Registry:
         """kind -> sorted names that ``plugin`` registered (every kind present, maybe empty)."""
         return {
             kind: [name for name, entry in self.entries(kind).items() if entry.plugin == plugin]
+            for kind in KINDS
+        }
+
+    def descriptions_by_plugin(self, plugin: str) -> Dict[str, Dict[str, Optional[str]]]:
+        """kind -> {name: the ``description`` it was registered with, or None} for ``plugin``."""
+        return {
+            kind: {name: entry.description for name, entry in self.entries(kind).items()
+                   if entry.plugin == plugin}
             for kind in KINDS
         }
 

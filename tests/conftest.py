@@ -1,6 +1,7 @@
 """Shared fixtures: a freshly loaded plugin manager, throwaway installed distributions, the CLI."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -33,6 +34,53 @@ def pytest_sessionstart(session):
     if missing:
         pytest.exit("KDPLUG_REQUIRE_NATIVE=1 but the native build is missing: "
                     + "; ".join(missing), returncode=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_capabilities_to_test():
+    """Each CPU capability this process can run the native kernels with (KDPLUG_CPU_CAPABILITY, if
+    set, narrows it to that one); a single placeholder where the native op is missing."""
+    from kdplug import _cpu_capability, _ext
+
+    if not _ext.native_status().available:
+        return ("no-native-op",)
+    if os.environ.get(_cpu_capability.ENV):
+        return (_cpu_capability.current().selected,)
+    return tuple(_cpu_capability.usable())
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_capability" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_capability", list(_cpu_capabilities_to_test()), indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test run with the PyTorch backend or on a GPU is the same under every CPU capability:
+    keep its copy for the best capability only (shown as deselected)."""
+    duplicates = []
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if (params and "cpu_capability" in params
+                and (params.get("backend") == "torch" or params.get("device") == "cuda")
+                and params["cpu_capability"] != _cpu_capabilities_to_test()[-1]):
+            duplicates.append(item)
+    if duplicates:
+        config.hook.pytest_deselected(items=duplicates)
+        items[:] = [item for item in items if item not in set(duplicates)]
+
+
+@pytest.fixture
+def cpu_capability(request):
+    """Runs the test with the native CPU kernels of one capability (parametrized over every one
+    this CPU supports). Op test modules opt in with
+    `pytestmark = pytest.mark.usefixtures("cpu_capability")`."""
+    from kdplug import _cpu_capability
+
+    if request.param not in _cpu_capability.CAPABILITIES:
+        yield request.param
+        return
+    with _cpu_capability.use(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")

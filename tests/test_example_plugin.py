@@ -48,6 +48,20 @@ def test_installed_example_is_listed_with_its_registrations(run_kdplug, installe
                                      "loss": ["example-kd"], "dataset": []}
 
 
+def test_installed_example_adds_a_command(run_kdplug, installed_example):
+    result = run_kdplug("example-sizes", "--in-features", "64", "--num-classes", "5",
+                        pythonpath=[installed_example], env={"KDPLUG_LOAD_PLUGINS": "example"})
+    assert result.returncode == 0, result.stderr
+    teacher = 64 * 256 + 256 + 256 * 5 + 5  # Linear(64, 256), Linear(256, 5)
+    student = 64 * 32 + 32 + 32 * 5 + 5
+    assert result.stdout == (f"example-mlp-large: {teacher:,} parameters\n"
+                             f"example-mlp-small: {student:,} parameters\n")
+    listed = run_kdplug("plugins", "--json", pythonpath=[installed_example],
+                        env={"KDPLUG_LOAD_PLUGINS": "example"})
+    [example] = [p for p in json.loads(listed.stdout)["plugins"] if p["name"] == "example"]
+    assert example["commands"] == ["example-sizes"] and "register_commands" in example["hooks"]
+
+
 @pytest.fixture
 def example_loaded(monkeypatch, fresh_plugins, installed_example):
     monkeypatch.syspath_prepend(str(installed_example))

@@ -362,7 +362,7 @@ def _ok():
     (dict(divergence="skew_kl", beta=0), ValueError, r"beta must be in \(0, 1\) for divergence='skew_kl'"),
     (dict(divergence="jsd", beta="x"), TypeError, r"beta must be a number, got str"),
     (dict(alpha=0.5), ValueError, r"alpha=0.5 < 1 weighs a hard-label cross-entropy term: pass labels"),
-    (dict(alpha=1.5, labels="ok"), ValueError, r"alpha must be in \[0, 1\].*got 1.5"),
+    (dict(alpha=1.5, labels="ok"), ValueError, r"kd_loss: alpha must be in \[0, 1\], got 1.5"),
     (dict(alpha=0.5, labels="float"), TypeError, r"labels must hold class indices"),
     (dict(alpha=0.5, labels="short"), ValueError, r"labels must have the logits' leading shape \(3,\), got \(2,\)"),
     (dict(alpha=0.5, labels="out"), ValueError, r"labels must be classes in \[0, 5\) or ignore_index \(-100\), found 5"),

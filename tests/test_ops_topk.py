@@ -13,6 +13,8 @@ from kdplug.ops import kd_kl_div_topk, kd_kl_div_topk_reference
 from test_ops import assert_grad_close, assert_loss_close, reference
 
 NATIVE = _ext.native_status().available
+# Each test runs under every CPU capability of this machine (default, avx2, avx512).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
 BACKENDS = ["torch"] + (["native"] if NATIVE else [])
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]

@@ -1,21 +1,17 @@
 // Pieces shared by the CPU kernels: float vectors over any storage type, the fast exp, the lane
-// operations kd_math.h's templates need on vectors, the dtype dispatch, and the reuse of large
-// gradient buffers.
+// operations kd_math.h's templates need on vectors, the dtype dispatch. Only the vector headers
+// of ATen (not ATen.h): every kernel file is compiled three times.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/version.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
-
 #include "kd_math.h"
+#include "kd_namespace.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 
 // float32, float16, bfloat16 (float64 takes the portable path).
@@ -82,41 +78,6 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// A fresh CPU allocation above glibc's mmap threshold (32 MiB at most) is page-faulted in on
-// first touch at every call: for a 62.5 MiB gradient that costs more than computing it. So the
-// last large gradient's storage is kept and handed out again once nobody else holds it (the
-// training step that used it is over); a new TensorImpl wraps it each time, so autograd never
-// sees a tensor twice. KDPLUG_CPU_GRAD_CACHE=0 turns this off.
-class GradBufferCache {
- public:
-  at::Tensor empty_like(const at::Tensor& like) {
-    const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-    if (bytes < kMinBytes || !enabled()) return at::empty_like(like, at::MemoryFormat::Contiguous);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!storage_.has_value() || storage_->use_count() != 1 || storage_->nbytes() < bytes) {
-      storage_ = at::empty({like.numel()}, like.options()).storage();
-    }
-    return at::empty({0}, like.options()).set_(*storage_, 0, like.sizes());
-  }
-
- private:
-  static constexpr size_t kMinBytes = size_t(16) << 20;
-  static bool enabled() {
-    static const bool on = [] {
-      const char* v = std::getenv("KDPLUG_CPU_GRAD_CACHE");
-      return !(v && std::strcmp(v, "0") == 0);
-    }();
-    return on;
-  }
-  std::mutex mutex_;
-  c10::optional<c10::Storage> storage_;
-};
-
-inline GradBufferCache& grad_buffer_cache() {
-  static GradBufferCache cache;
-  return cache;
-}
-
 }  // namespace cpu
 
 // kd_math.h's lane operations on vectors, so its per-class templates run 16 (or 8) classes, or
@@ -135,4 +96,4 @@ struct KdLane<cpu::Vec> {
   }
 };
 
-}  // namespace kdplug
+KD_NAMESPACE_END

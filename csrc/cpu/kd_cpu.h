@@ -7,12 +7,12 @@
 //   dense_portable  the scalar kd_math.h path of the CUDA kernel, row by row (also float64)
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
 
-#include "kd_loss.h"
 #include "kd_math.h"
+#include "kd_namespace.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 
 constexpr int64_t kSmallClasses = 128;
@@ -32,37 +32,6 @@ struct DenseProblem {
   double temperature, beta;
   TermCoefsT<double> coefs;  // already holds the reduction's factors and alpha
 };
-
-// A problem over `student` [rows, cols] (contiguous, checked) with options o; the caller fills in
-// the teacher and the outputs.
-inline DenseProblem dense_problem(const at::Tensor& student, const KdLossOptions& o,
-                                  double kd_scale, double ce_scale) {
-  DenseProblem p;
-  p.rows = student.size(0);
-  p.cols = student.size(1);
-  p.dtype = student.scalar_type();
-  p.student = student.data_ptr();
-  p.teacher = nullptr;
-  p.grad_student = p.grad_teacher = p.loss_rows = nullptr;
-  p.mask = o.mask.has_value() ? o.mask->data_ptr<bool>() : nullptr;
-  p.labels = o.with_ce() ? o.labels->data_ptr<int64_t>() : nullptr;
-  p.ignore_index = o.ignore_index;
-  p.divergence = static_cast<int>(o.divergence);
-  p.temperature = o.temperature;
-  p.beta = o.beta;
-  p.coefs = term_coefs<double>(o.temperature, o.with_ce() ? o.alpha : 1.0, kd_scale, ce_scale);
-  return p;
-}
-
-// The op's loss from its rows (already carrying their factors), summed in double on the host.
-template <typename acc_t>
-at::Tensor reduce_rows_host(const at::Tensor& loss_rows, int64_t reduction) {
-  if (reduction == kNone) return loss_rows;
-  const acc_t* rows = loss_rows.data_ptr<acc_t>();
-  double total = 0.0;
-  for (int64_t r = 0, n = loss_rows.numel(); r < n; ++r) total += rows[r];
-  return at::scalar_tensor(total, loss_rows.options());
-}
 
 void dense_vector(const DenseProblem& p);
 void dense_small(const DenseProblem& p);
@@ -92,4 +61,4 @@ struct KernelConsts {
 };
 
 }  // namespace cpu
-}  // namespace kdplug
+KD_NAMESPACE_END

@@ -18,7 +18,7 @@
 #include "cpu/cpu_common.h"
 #include "cpu/kd_cpu.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
@@ -46,7 +46,7 @@ struct Kept {
   float* pg;  // p dphi/dp, only with a teacher gradient
 };
 
-template <int DIV, typename T>
+template <int KIND, typename T>
 StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, const Kept& keep) {
   Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
   for (int64_t i = 0; i < n; i += kVec) {
@@ -81,8 +81,8 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
     sum_x = sum_x + ex;
     sum_y = sum_y + ey;
     // a weight of 0 (a logit of -inf) contributes 0, not 0 * inf
-    if constexpr (DIV == kKL) cross = cross + ((ey != zero) & (ey * (y - x)));
-    if constexpr (DIV == kReverseKL) cross = cross + ((ex != zero) & (ex * (x - y)));
+    if constexpr (KIND == kKL) cross = cross + ((ey != zero) & (ey * (y - x)));
+    if constexpr (KIND == kReverseKL) cross = cross + ((ex != zero) & (ex * (x - y)));
     if (keep.ex) {
       ex.store(keep.ex + i);
       ey.store(keep.ey + i);
@@ -151,7 +151,8 @@ inline Probabilities<KEPT> probabilities(const Vec& sv, const Vec& x, const Vec&
   return out;
 }
 
-// Σφ, Gq, Gp of a stretch (mixture divergences), keeping q dphi/dq (and p dphi/dp) per class.
+// Σφ, Gq, Gp of a stretch (the mixture divergences), keeping q dphi/dq (and p dphi/dp) per
+// class for the gradient sweep.
 template <int DIV, bool KEPT, typename T>
 RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, const Consts& c,
                        const Kept& keep, const KeptFactors& f) {
@@ -173,10 +174,21 @@ RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, c
   return {hsum(value), hsum(gq), hsum(gp)};
 }
 
+// The mixture divergences' terms sweep, with the divergence picked once per stretch.
+template <bool KEPT, typename T>
+RowTerms mixture_terms(int divergence, const T* s, const T* t, int64_t n, const RowState& row,
+                       const Consts& c, const Kept& keep, const KeptFactors& f) {
+  return with_mixture_divergence(divergence, [&](auto d) {
+    return stretch_terms<decltype(d)::value, KEPT>(s, t, n, row, c, keep, f);
+  });
+}
+
 // The gradients of a stretch. label: the hard-label class's offset in the stretch, or -1.
-template <int DIV, bool HAS_GT, bool KEPT, typename T>
+// Mixture divergences read their kept terms, or (not KEPT) recompute them, picked per vector.
+template <int KIND, bool HAS_GT, bool KEPT, typename T>
 void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowState& row,
-                   const Consts& c, const Kept& keep, const KeptFactors& f, T* gs, T* gt) {
+                   const Consts& c, int divergence, const Kept& keep, const KeptFactors& f,
+                   T* gs, T* gt) {
   const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t m = std::min(kVec, n - i);
@@ -185,10 +197,11 @@ void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowSt
     const Vec x = sv * vinv, y = load_n(t + i, m, -INFINITY) * vinv;
     const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
     ClassTerms<Vec> ct;
-    if constexpr (is_online_divergence(DIV) || !KEPT) {
-      ct = divergence_terms<DIV>(pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res), vbeta);
-    } else {
+    if constexpr (KIND == kMixture && KEPT) {
       ct = {zero, Vec::loadu(keep.qg + i), HAS_GT ? Vec::loadu(keep.pg + i) : zero};
+    } else {
+      ct = kind_terms<KIND>(divergence, pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res),
+                            vbeta);
     }
     if (gs) {
       Vec g = grad_student_of(ct, pr.q, pr.sigma, row.terms, row.k);
@@ -211,7 +224,7 @@ void fill_span(T* p, int64_t n, float value) {
 
 // The row's loss (with its factors) and what its gradient sweep needs, from its merged
 // statistics; false for a row that is NaN.
-template <int DIV>
+template <int KIND>
 bool finish_stats(const RowStats& st, const LseT<float>& ce, const Consts& c, int64_t label,
                   RowState& row) {
   row.label = label;
@@ -224,7 +237,7 @@ bool finish_stats(const RowStats& st, const LseT<float>& ce, const Consts& c, in
     row.ce_max = ce.max;
     row.ce_log_sum = std::log(ce.sum);
   }
-  if constexpr (is_online_divergence(DIV)) row.terms = online_row_terms<DIV>(st, row.res);
+  if constexpr (KIND != kMixture) row.terms = online_row_terms<KIND>(st, row.res);
   return true;
 }
 
@@ -249,7 +262,7 @@ struct RowPointers {
 };
 
 // Rows spread over threads; each row by stretches, everything kept in per-thread scratch.
-template <int DIV, bool HAS_GT, typename T>
+template <int KIND, bool HAS_GT, typename T>
 void dense_rows(const DenseProblem& p) {
   const Consts c(p);
   const int64_t cols = p.cols;
@@ -260,7 +273,7 @@ void dense_rows(const DenseProblem& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     // Padded by a vector: a row's tail stores whole vectors.
     const int64_t len = cols + kVec;
-    const bool mixture = !is_online_divergence(DIV) && wants_grads;
+    const bool mixture = KIND == kMixture && wants_grads;
     std::vector<float> scratch(len * (2 + (c.ce_separate ? 1 : 0) + (mixture ? 1 : 0) +
                                       (mixture && HAS_GT ? 1 : 0)));
     float* next = scratch.data();
@@ -290,12 +303,12 @@ void dense_rows(const DenseProblem& p) {
         const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
         const Kept here{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr, nullptr,
                         nullptr};
-        stats[k] = stretch_stats<DIV>(rp.s + at, rp.t + at, n, c, here);
-        st = row_stats_merge<DIV>(st, stats[k].st);
+        stats[k] = stretch_stats<KIND>(rp.s + at, rp.t + at, n, c, here);
+        st = row_stats_merge<KIND>(st, stats[k].st);
         ce = lse_merge(ce, stats[k].ce);
       }
       RowState row;
-      if (!finish_stats<DIV>(st, ce, c, c.label_of(p, r), row)) {
+      if (!finish_stats<KIND>(st, ce, c, c.label_of(p, r), row)) {
         loss_rows[r] = NAN;
         fill_span(rp.gs, cols, NAN);
         fill_span(rp.gt, cols, NAN);
@@ -306,21 +319,22 @@ void dense_rows(const DenseProblem& p) {
         return Kept{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr,
                     keep.qg ? keep.qg + at : nullptr, keep.pg ? keep.pg + at : nullptr};
       };
-      if constexpr (!is_online_divergence(DIV)) {
+      if constexpr (KIND == kMixture) {
         row.terms = row_terms_empty<float>();
         for (int64_t k = 0; k < stretches; ++k) {
           const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
           row.terms = row_terms_merge(
-              row.terms, stretch_terms<DIV, true>(rp.s + at, rp.t + at, n, row, c,
-                                                  stretch_kept(k), kept_factors(stats[k], row, c)));
+              row.terms, mixture_terms<true>(p.divergence, rp.s + at, rp.t + at, n, row, c,
+                                             stretch_kept(k), kept_factors(stats[k], row, c)));
         }
       }
       loss_rows[r] = row_loss(row, rp.s);
       if (!wants_grads) continue;
       for (int64_t k = 0; k < stretches; ++k) {
         const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
-        stretch_grads<DIV, HAS_GT, true>(rp.s + at, rp.t + at, n, row.label - at, row, c,
-                                         stretch_kept(k), kept_factors(stats[k], row, c),
+        stretch_grads<KIND, HAS_GT, true>(rp.s + at, rp.t + at, n, row.label - at, row, c,
+                                          p.divergence, stretch_kept(k),
+                                          kept_factors(stats[k], row, c),
                                          rp.gs ? rp.gs + at : nullptr,
                                          HAS_GT ? rp.gt + at : nullptr);
       }
@@ -330,7 +344,7 @@ void dense_rows(const DenseProblem& p) {
 
 // Fewer rows than threads: cut each row into chunks, one task each, in phases: statistics, then
 // (mixture divergences) terms, then gradients; every phase recomputes its exps.
-template <int DIV, bool HAS_GT, typename T>
+template <int KIND, bool HAS_GT, typename T>
 void dense_split(const DenseProblem& p, int64_t chunks) {
   const Consts c(p);
   const int64_t cols = p.cols;
@@ -356,8 +370,8 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
       StretchStats merged{row_stats_empty(), lse_empty<float>()};
       for (int64_t k = 0; k < n; k += kStretch) {
         const StretchStats part =
-            stretch_stats<DIV>(rp.s + k, rp.t + k, std::min(kStretch, n - k), c, none);
-        merged = {row_stats_merge<DIV>(merged.st, part.st), lse_merge(merged.ce, part.ce)};
+            stretch_stats<KIND>(rp.s + k, rp.t + k, std::min(kStretch, n - k), c, none);
+        merged = {row_stats_merge<KIND>(merged.st, part.st), lse_merge(merged.ce, part.ce)};
       }
       partial[task] = merged;
     }
@@ -369,12 +383,12 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
     RowStats st = row_stats_empty();
     LseT<float> ce = lse_empty<float>();
     for (int64_t k = 0; k < chunks; ++k) {
-      st = row_stats_merge<DIV>(st, partial[r * chunks + k].st);
+      st = row_stats_merge<KIND>(st, partial[r * chunks + k].st);
       ce = lse_merge(ce, partial[r * chunks + k].ce);
     }
-    finite[r] = finish_stats<DIV>(st, ce, c, c.label_of(p, r), rows[r]);
+    finite[r] = finish_stats<KIND>(st, ce, c, c.label_of(p, r), rows[r]);
   }
-  if constexpr (!is_online_divergence(DIV)) {
+  if constexpr (KIND == kMixture) {
     std::vector<RowTerms> terms(tasks, row_terms_empty<float>());
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
@@ -382,8 +396,8 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
         int64_t at, n;
         span(task, at, n);
         const RowPointers<T> rp(p, (task / chunks) * cols + at);
-        terms[task] = stretch_terms<DIV, false>(rp.s, rp.t, n, rows[task / chunks], c, none,
-                                                no_factors);
+        terms[task] = mixture_terms<false>(p.divergence, rp.s, rp.t, n, rows[task / chunks], c,
+                                           none, no_factors);
       }
     });
     for (int64_t r = 0; r < p.rows; ++r) {
@@ -410,39 +424,39 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
         fill_span(rp.gt, n, active(r) ? NAN : 0.f);
         continue;
       }
-      stretch_grads<DIV, HAS_GT, false>(rp.s, rp.t, n, rows[r].label - at, rows[r], c, none,
-                                        no_factors, rp.gs, rp.gt);
+      stretch_grads<KIND, HAS_GT, false>(rp.s, rp.t, n, rows[r].label - at, rows[r], c,
+                                         p.divergence, none, no_factors, rp.gs, rp.gt);
     }
   });
 }
 
-template <int DIV, bool HAS_GT, typename T>
+template <int KIND, bool HAS_GT, typename T>
 void dense_vector_typed(const DenseProblem& p) {
   const int64_t threads = at::get_num_threads();
   const int64_t min_chunk = 4096;
   const int64_t chunks =
       std::min(threads / std::max<int64_t>(p.rows, 1) + 1, p.cols / min_chunk);
   if (p.rows < threads && chunks > 1) {
-    dense_split<DIV, HAS_GT, T>(p, chunks);
+    dense_split<KIND, HAS_GT, T>(p, chunks);
   } else {
-    dense_rows<DIV, HAS_GT, T>(p);
+    dense_rows<KIND, HAS_GT, T>(p);
   }
 }
 
 }  // namespace
 
 void dense_vector(const DenseProblem& p) {
-  with_divergence(p.divergence, [&](auto div) {
-    constexpr int DIV = decltype(div)::value;
+  with_kind(p.divergence, [&](auto kind) {
+    constexpr int KIND = decltype(kind)::value;
     KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd", [&] {
       if (p.grad_teacher) {
-        dense_vector_typed<DIV, true, scalar_t>(p);
+        dense_vector_typed<KIND, true, scalar_t>(p);
       } else {
-        dense_vector_typed<DIV, false, scalar_t>(p);
+        dense_vector_typed<KIND, false, scalar_t>(p);
       }
     });
   });
 }
 
 }  // namespace cpu
-}  // namespace kdplug
+KD_NAMESPACE_END

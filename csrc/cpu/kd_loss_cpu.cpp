@@ -1,4 +1,4 @@
-// CPU implementation of kdplug::kd_loss_fwd and kd_loss_fwd_portable: checks, outputs, and the
+// CPU kernels of kdplug::kd_loss_fwd and kd_loss_fwd_portable (registered per capability): checks, outputs, and the
 // choice of kernel (kd_cpu.h). Small calls are dominated by fixed costs, so nothing here runs a
 // torch op it can avoid: the reduction's factors and the reduced loss are computed in place.
 #include <algorithm>
@@ -6,10 +6,33 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/kd_cpu.h"
+#include "cpu/kd_entry.h"
+#include "cpu/kernels.h"
 #include "kd_loss.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace {
+
+// The portable kernel computes in float32 (float64 for float64), like the GPU, which converts
+// each 16-bit element on load and rounds each gradient on store: 16-bit inputs go in as float32.
+void run_portable(cpu::DenseProblem p, const at::Tensor& student, const at::Tensor& teacher,
+                  at::Tensor& grad_student, at::Tensor& grad_teacher) {
+  if (p.dtype == at::kFloat || p.dtype == at::kDouble) {
+    cpu::dense_portable(p);
+    return;
+  }
+  const at::Tensor s = student.to(at::kFloat), t = teacher.to(at::kFloat);
+  at::Tensor gs = p.grad_student ? at::empty_like(s) : grad_student;
+  at::Tensor gt = p.grad_teacher ? at::empty_like(t) : grad_teacher;
+  p.dtype = at::kFloat;
+  p.student = s.data_ptr();
+  p.teacher = t.data_ptr();
+  if (p.grad_student) p.grad_student = gs.data_ptr();
+  if (p.grad_teacher) p.grad_teacher = gt.data_ptr();
+  cpu::dense_portable(p);
+  if (p.grad_student) grad_student.copy_(gs);
+  if (p.grad_teacher) grad_teacher.copy_(gt);
+}
 
 template <bool kPortable>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
@@ -39,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   p.loss_rows = loss_rows.data_ptr();
 
   if (kPortable || p.dtype == at::kDouble) {
-    cpu::dense_portable(p);
+    run_portable(p, student, teacher, grad_student, grad_teacher);
   } else if (cols <= cpu::kSmallClasses) {
     cpu::dense_small(p);
   } else {
@@ -52,9 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
-  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu<false>);
-  m.impl("kd_loss_fwd_portable", &kd_loss_fwd_cpu<true>);
-}
+KD_REGISTER_CPU_KERNEL(kd_loss_fwd_kernel, &kd_loss_fwd_cpu<false>)
+KD_REGISTER_CPU_KERNEL(kd_loss_fwd_portable_kernel, &kd_loss_fwd_cpu<true>)
 
-}  // namespace kdplug
+KD_NAMESPACE_END

@@ -1,17 +1,21 @@
 // The portable CPU kernel: each row through exactly the scalar functions of kd_math.h, with the
-// row's statistics gathered in 32 strided "lanes" and merged pairwise, as a CUDA warp does. acc_t
-// is float, as on the GPU, except for float64 inputs, computed in float64 for gradcheck. Tests
-// compare it with the vector kernels; it is also the float64 path of kdplug::kd_loss_fwd.
+// row's statistics gathered in 32 strided "lanes" and merged pairwise, as a CUDA warp does, and
+// templated on the divergence's kind as the CUDA kernels are. acc_t is float, as on the GPU,
+// except for float64 inputs, computed in float64 for gradcheck. Tests compare it with the vector
+// kernels; it is also the float64 path of kdplug::kd_loss_fwd. 16-bit inputs arrive here as
+// float32 (the entry converts them, as the GPU converts each element on load).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 
+#include <c10/util/Exception.h>
+
 #include "cpu/cpu_common.h"
 #include "cpu/kd_cpu.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
@@ -30,7 +34,7 @@ void fill_row(T* row, int64_t n, float value) {
   if (row) std::fill(row, row + n, static_cast<T>(value));
 }
 
-template <int DIV, typename T, typename acc_t>
+template <int KIND, typename T, typename acc_t>
 void portable_rows(const DenseProblem& p) {
   const KernelConsts<acc_t> c(p);
   const int64_t cols = p.cols;
@@ -59,11 +63,11 @@ void portable_rows(const DenseProblem& p) {
         ce_lanes[l] = lse_empty<acc_t>();
       }
       for (int64_t i = 0; i < cols; ++i) {
-        row_stats_add<DIV>(lanes[i % kLanes], static_cast<acc_t>(s[i]) * c.inv_t,
+        row_stats_add<KIND>(lanes[i % kLanes], static_cast<acc_t>(s[i]) * c.inv_t,
                            static_cast<acc_t>(t[i]) * c.inv_t);
         if (c.ce_separate) lse_add(ce_lanes[i % kLanes], static_cast<acc_t>(s[i]));
       }
-      const RowStatsT<acc_t> st = merge_lanes(lanes, row_stats_merge<DIV, acc_t>);
+      const RowStatsT<acc_t> st = merge_lanes(lanes, row_stats_merge<KIND, acc_t>);
       const RowResultT<acc_t> res = row_result(st);
       if (!row_is_finite(res)) {
         loss_rows[r] = acc_t(NAN);
@@ -72,17 +76,17 @@ void portable_rows(const DenseProblem& p) {
         continue;
       }
       RowTermsT<acc_t> terms;
-      if constexpr (is_online_divergence(DIV)) {
-        terms = online_row_terms<DIV>(st, res);
+      if constexpr (is_online_divergence(KIND)) {
+        terms = online_row_terms<KIND>(st, res);
       } else {
         RowTermsT<acc_t> term_lanes[kLanes];
         for (int l = 0; l < kLanes; ++l) term_lanes[l] = row_terms_empty<acc_t>();
         for (int64_t i = 0; i < cols; ++i) {
           acc_t pi, qi;
           row_terms_add(term_lanes[i % kLanes],
-                        class_terms_of<DIV>(static_cast<acc_t>(s[i]) * c.inv_t,
-                                            static_cast<acc_t>(t[i]) * c.inv_t, res, c.beta, &pi,
-                                            &qi));
+                        class_terms_of<KIND>(p.divergence, static_cast<acc_t>(s[i]) * c.inv_t,
+                                             static_cast<acc_t>(t[i]) * c.inv_t, res, c.beta,
+                                             &pi, &qi));
         }
         terms = merge_lanes(term_lanes, row_terms_merge<acc_t>);
       }
@@ -102,8 +106,8 @@ void portable_rows(const DenseProblem& p) {
       for (int64_t i = 0; i < cols; ++i) {
         acc_t pi, qi;
         const ClassTerms<acc_t> ct =
-            class_terms_of<DIV>(static_cast<acc_t>(s[i]) * c.inv_t,
-                                static_cast<acc_t>(t[i]) * c.inv_t, res, c.beta, &pi, &qi);
+            class_terms_of<KIND>(p.divergence, static_cast<acc_t>(s[i]) * c.inv_t,
+                                 static_cast<acc_t>(t[i]) * c.inv_t, res, c.beta, &pi, &qi);
         if (gs) {
           const acc_t sigma =
               c.ce_separate ? kd_exp((static_cast<acc_t>(s[i]) - ce_max) - ce_log_sum) : qi;
@@ -120,16 +124,17 @@ void portable_rows(const DenseProblem& p) {
 }  // namespace
 
 void dense_portable(const DenseProblem& p) {
-  with_divergence(p.divergence, [&](auto div) {
-    constexpr int DIV = decltype(div)::value;
+  TORCH_CHECK(p.dtype == at::kFloat || p.dtype == at::kDouble,
+              "dense_portable: float32 or float64 inputs");
+  with_kind(p.divergence, [&](auto kind) {
+    constexpr int KIND = decltype(kind)::value;
     if (p.dtype == at::kDouble) {
-      portable_rows<DIV, double, double>(p);
-      return;
+      portable_rows<KIND, double, double>(p);
+    } else {
+      portable_rows<KIND, float, float>(p);
     }
-    KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd_portable",
-                         [&] { portable_rows<DIV, scalar_t, float>(p); });
   });
 }
 
 }  // namespace cpu
-}  // namespace kdplug
+KD_NAMESPACE_END

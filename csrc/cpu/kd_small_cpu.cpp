@@ -13,14 +13,35 @@
 #include "cpu/cpu_common.h"
 #include "cpu/kd_cpu.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
 using Consts = KernelConsts<float>;
 constexpr int64_t R = kVec;  // rows per block
 
-template <int DIV, bool HAS_GT, typename T>
+// Σφ, Gq, Gp of a block's rows for a mixture divergence, keeping each class's terms.
+template <int DIV>
+RowTermsT<Vec> block_terms(int64_t cols, const float* bs, const float* bt, const float* ex,
+                           const float* ey, const Vec& fq, const Vec& fp,
+                           const RowResultT<Vec>& res, const Consts& c, float* qg, float* pg) {
+  const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+  RowTermsT<Vec> terms{zero, zero, zero};
+  for (int64_t k = 0; k < cols; ++k) {
+    const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
+    const ClassTerms<Vec> ct =
+        divergence_terms<DIV>(Vec::loadu(ey + k * R) * fp, Vec::loadu(ex + k * R) * fq,
+                              log_p_of(y, res), log_q_of(x, res), vbeta);
+    terms.value = terms.value + ct.value;
+    terms.gq = terms.gq + ct.qg;
+    terms.gp = terms.gp + ct.pg;
+    ct.qg.store(qg + k * R);
+    ct.pg.store(pg + k * R);
+  }
+  return terms;
+}
+
+template <int KIND, bool HAS_GT, typename T>
 void small_blocks(const DenseProblem& p) {
   const Consts c(p);
   const int64_t cols = p.cols;
@@ -31,7 +52,7 @@ void small_blocks(const DenseProblem& p) {
   T* gs_all = static_cast<T*>(p.grad_student);
   T* gt_all = static_cast<T*>(p.grad_teacher);
   float* loss_rows = static_cast<float*>(p.loss_rows);
-  const bool mixture = !is_online_divergence(DIV);
+  constexpr bool mixture = KIND == kMixture;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t plane = cols * R;  // one class-major [cols][R] array
     std::vector<float> scratch(plane * 8);
@@ -73,8 +94,8 @@ void small_blocks(const DenseProblem& p) {
         const Vec exv = fast_exp(x - st.max_x), eyv = fast_exp(y - st.max_y);
         st.sum_x = st.sum_x + exv;
         st.sum_y = st.sum_y + eyv;
-        if constexpr (DIV == kKL) st.cross = st.cross + ((eyv != zero) & (eyv * (y - x)));
-        if constexpr (DIV == kReverseKL) st.cross = st.cross + ((exv != zero) & (exv * (x - y)));
+        if constexpr (KIND == kKL) st.cross = st.cross + ((eyv != zero) & (eyv * (y - x)));
+        if constexpr (KIND == kReverseKL) st.cross = st.cross + ((exv != zero) & (exv * (x - y)));
         exv.store(ex + k * R);
         eyv.store(ey + k * R);
         if (c.ce_separate) {
@@ -86,21 +107,12 @@ void small_blocks(const DenseProblem& p) {
       const RowResultT<Vec> res{st.max_x, st.sum_x.log(), st.max_y, st.sum_y.log()};
       const Vec fq = Vec(1.f) / st.sum_x, fp = Vec(1.f) / st.sum_y;
       RowTermsT<Vec> terms;
-      if constexpr (is_online_divergence(DIV)) {
-        terms = online_row_terms<DIV>(st, res);
+      if constexpr (mixture) {
+        terms = with_mixture_divergence(p.divergence, [&](auto d) {
+          return block_terms<decltype(d)::value>(cols, bs, bt, ex, ey, fq, fp, res, c, qg, pg);
+        });
       } else {
-        terms = {zero, zero, zero};
-        for (int64_t k = 0; k < cols; ++k) {
-          const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
-          const ClassTerms<Vec> ct =
-              divergence_terms<DIV>(Vec::loadu(ey + k * R) * fp, Vec::loadu(ex + k * R) * fq,
-                                    log_p_of(y, res), log_q_of(x, res), vbeta);
-          terms.value = terms.value + ct.value;
-          terms.gq = terms.gq + ct.qg;
-          terms.gp = terms.gp + ct.pg;
-          ct.qg.store(qg + k * R);
-          ct.pg.store(pg + k * R);
-        }
+        terms = online_row_terms<KIND>(st, res);
       }
       // The hard-label term's log-sum-exp at T = 1 and its value per lane.
       const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
@@ -146,7 +158,7 @@ void small_blocks(const DenseProblem& p) {
           return ClassTerms<Vec>{zero, Vec::loadu(qg + k * R), Vec::loadu(pg + k * R)};
         } else {
           const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
-          return divergence_terms<DIV>(p_k, q_k, log_p_of(y, res), log_q_of(x, res), vbeta);
+          return divergence_terms<KIND>(p_k, q_k, log_p_of(y, res), log_q_of(x, res), vbeta);
         }
       };
       if (gs_all) {
@@ -174,17 +186,17 @@ void small_blocks(const DenseProblem& p) {
 }  // namespace
 
 void dense_small(const DenseProblem& p) {
-  with_divergence(p.divergence, [&](auto div) {
-    constexpr int DIV = decltype(div)::value;
+  with_kind(p.divergence, [&](auto kind) {
+    constexpr int KIND = decltype(kind)::value;
     KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd", [&] {
       if (p.grad_teacher) {
-        small_blocks<DIV, true, scalar_t>(p);
+        small_blocks<KIND, true, scalar_t>(p);
       } else {
-        small_blocks<DIV, false, scalar_t>(p);
+        small_blocks<KIND, false, scalar_t>(p);
       }
     });
   });
 }
 
 }  // namespace cpu
-}  // namespace kdplug
+KD_NAMESPACE_END

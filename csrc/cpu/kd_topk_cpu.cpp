@@ -13,9 +13,11 @@
 
 #include "cpu/cpu_common.h"
 #include "cpu/kd_cpu.h"
+#include "cpu/kd_entry.h"
+#include "cpu/kernels.h"
 #include "kd_loss.h"
 
-namespace kdplug {
+KD_NAMESPACE_BEGIN
 namespace {
 
 using namespace cpu;
@@ -66,7 +68,25 @@ float sum_exp_outside(const T* s, int64_t n, const int64_t* sorted, int64_t k, f
   return total;
 }
 
-template <int DIV, typename T>
+// The k-sized parts pick the divergence at run time: the row loops are compiled once per dtype.
+template <typename T>
+TopkRowT<float> topk_row_of(int div, const T* s, const int64_t* idx, const float* v, int64_t k,
+                            float inv_t, float max_x, float inside, float outside,
+                            const TopkTeacherT<float>& te, float beta) {
+  return with_divergence(div, [&](auto d) {
+    return topk_row<decltype(d)::value, float>(s, idx, v, k, inv_t, max_x, inside, outside, te,
+                                               beta);
+  });
+}
+
+inline float topk_class_dd_of(int div, float x, float v_over_t, const TopkTeacherT<float>& te,
+                              const TopkRowT<float>& r, float beta) {
+  return with_divergence(div, [&](auto d) {
+    return topk_class_dd<decltype(d)::value>(x, v_over_t, te, r, beta);
+  });
+}
+
+template <typename T>
 void topk_rows(const TopkProblem& a) {
   const DenseProblem& p = a.dense;
   const KernelConsts<float> c(p);
@@ -102,8 +122,8 @@ void topk_rows(const TopkProblem& a) {
       const float outside =
           sum_exp_outside(row, cols, sorted.data(), k, c.inv_t, max_x, keep_x.data());
       const float inside = topk_inside_sum<float>(row, row_idx, k, c.inv_t, max_x);
-      const TopkRowT<float> res =
-          topk_row<DIV, float>(row, row_idx, row_v, k, c.inv_t, max_x, inside, outside, te, c.beta);
+      const TopkRowT<float> res = topk_row_of(p.divergence, row, row_idx, row_v, k, c.inv_t, max_x,
+                                              inside, outside, te, c.beta);
       float ce_max = res.max_x, ce_log_sum = res.log_sum_x;  // lse at T = 1 when T = 1
       if (c.ce_separate) {
         ce_max = max_s;
@@ -130,7 +150,9 @@ void topk_rows(const TopkProblem& a) {
         const float x = static_cast<float>(row[cls]) * c.inv_t;
         float dd = topk_q(x, res) * res.outside_factor;
         for (int64_t j = 0; j < k; ++j) {
-          if (row_idx[j] == cls) dd = topk_class_dd<DIV>(x, row_v[j] * c.inv_t, te, res, c.beta);
+          if (row_idx[j] == cls) {
+            dd = topk_class_dd_of(p.divergence, x, row_v[j] * c.inv_t, te, res, c.beta);
+          }
         }
         const float sigma = c.ce_separate
                                 ? std::exp((static_cast<float>(row[cls]) - ce_max) - ce_log_sum)
@@ -139,7 +161,7 @@ void topk_rows(const TopkProblem& a) {
       };
       for (int64_t j = 0; j < k; ++j) {
         const float x = static_cast<float>(row[row_idx[j]]) * c.inv_t;
-        const float dd = topk_class_dd<DIV>(x, row_v[j] * c.inv_t, te, res, c.beta);
+        const float dd = topk_class_dd_of(p.divergence, x, row_v[j] * c.inv_t, te, res, c.beta);
         const float sigma =
             c.ce_separate
                 ? std::exp((static_cast<float>(row[row_idx[j]]) - ce_max) - ce_log_sum)
@@ -192,15 +214,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
   const DenseProblem& p = a.dense;
   a.dense.grad_student = student_grad ? grad.data_ptr() : nullptr;
   a.dense.loss_rows = loss_rows.data_ptr();
-  with_divergence(p.divergence, [&](auto div) {
-    constexpr int DIV = decltype(div)::value;
-    KD_DISPATCH_FLOATING(p.dtype, "kd_loss_topk_fwd", [&] { topk_rows<DIV, scalar_t>(a); });
-  });
+  KD_DISPATCH_FLOATING(p.dtype, "kd_loss_topk_fwd", [&] { topk_rows<scalar_t>(a); });
   return {reduce_rows_host<float>(loss_rows, reduction), grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdplug, CPU, m) { m.impl("kd_loss_topk_fwd", &kd_loss_topk_fwd_cpu); }
+KD_REGISTER_CPU_KERNEL(kd_loss_topk_fwd_kernel, &kd_loss_topk_fwd_cpu)
 
-}  // namespace kdplug
+KD_NAMESPACE_END

@@ -1,4 +1,5 @@
-"""A minimal kdplug plugin: a tiny MLP teacher and student, and a distillation loss."""
+"""A minimal kdplug plugin: a tiny MLP teacher and student, a distillation loss, a command."""
+import click
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,3 +50,15 @@ def register_students(register):
 @kdplug.hookimpl
 def register_losses(register):
     register("example-kd", kd_loss, description="Hinton et al. 2015 soft + hard loss")
+
+
+@kdplug.hookimpl
+def register_commands(cli):
+    @cli.command("example-sizes")
+    @click.option("--in-features", type=int, default=784, show_default=True)
+    @click.option("--num-classes", type=int, default=10, show_default=True)
+    def example_sizes(in_features, num_classes):
+        """Parameter counts of the example teacher and student."""
+        for name, build in (("example-mlp-large", mlp_teacher), ("example-mlp-small", mlp_student)):
+            params = sum(p.numel() for p in build(in_features, num_classes).parameters())
+            click.echo(f"{name}: {params:,} parameters")

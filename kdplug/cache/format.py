@@ -1,4 +1,5 @@
-"""The on-disk format of a teacher cache: folder layout, file names, dtypes, atomic writes, errors.
+"""The on-disk format of a teacher cache: folder layout, file names, dtypes, atomic writes (the
+errors live in :mod:`.errors` and are re-exported here).
 
 A cache folder::
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_write, fsync_dir, tmp_path
-from ..errors import KdplugError
+from .errors import CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "PLAN", "CHUNK_DIR", "DTYPES", "CacheError",
            "CacheMismatchError", "CacheCorruptError", "CacheIncompleteError", "unit_stem",
@@ -45,30 +46,6 @@ CHUNK_DIR = "chunks"
 DTYPES: Dict[str, Any] = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 HASH = "blake2b"
 _BLOCK = 1 << 20
-
-
-class CacheError(KdplugError):
-    """Something is wrong with a teacher cache; the message says what and how to fix it."""
-
-
-class CacheMismatchError(CacheError):
-    """The cache was written for another teacher, data, order, transform or format.
-
-    ``fields`` maps each differing field (dotted, e.g. ``teacher.weights_hash``) to
-    ``(value in the cache, value in this run)``.
-    """
-
-    def __init__(self, message: str, fields: Mapping[str, Tuple[Any, Any]]) -> None:
-        super().__init__(message)
-        self.fields = dict(fields)
-
-
-class CacheCorruptError(CacheError):
-    """A chunk file is missing, truncated, or fails its checksum."""
-
-
-class CacheIncompleteError(CacheError):
-    """The cache has no manifest: a cache-teacher run stopped (or is still running) mid-write."""
 
 
 def unit_stem(view: int, chunk: int) -> str:

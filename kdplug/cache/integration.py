@@ -14,16 +14,19 @@ that yields sample indices and attaches cached targets, and the teacher's line i
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from ..data import DataSplits
 from ..engine.batching import check_batch
+from ..engine.config import DistillConfig
+from ..engine.distributed import DistEnv
 from .format import FORMAT_VERSION, CacheCorruptError, CacheError
 from .hashing import order_fingerprint, transform_info, weights_hash
 from .reader import TeacherCache
+from .targets import cached_teacher_output
 
 __all__ = ["expected_identity", "IndexedDataset", "CachedCollate", "check_loss", "DryRunTeacher",
            "open_for_run", "teacher_phase_result"]
@@ -125,8 +128,6 @@ class DryRunTeacher(torch.nn.Module):
 
     def forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **_: Any) -> Any:
-        from .targets import cached_teacher_output
-
         batch = {"inputs": inputs.cpu(), "attention_mask": attention_mask}
         targets = self.cache.targets(list(range(int(inputs.shape[0]))), 0, batch)
         out = cached_teacher_output({k: v.to(inputs.device) for k, v in targets.items()})
@@ -139,34 +140,25 @@ class DryRunTeacher(torch.nn.Module):
         return out
 
 
-def open_for_run(run: Any, teacher: Optional[torch.nn.Module], teacher_registration: Any,
-                 splits: Any, loss: Any) -> TeacherCache:
-    """Open ``run.cfg.teacher_cache`` for a distillation run and check that it fits the run.
+def open_for_run(cfg: DistillConfig, env: DistEnv, splits: DataSplits, loss: Any, *,
+                 teacher_name: Optional[str], teacher_options: Optional[Mapping[str, Any]],
+                 teacher_model: Optional[torch.nn.Module]) -> TeacherCache:
+    """Open ``cfg.teacher_cache`` for a distillation run and check that it fits the run.
 
-    The teacher's weights are hashed when the run gives them (``teacher_checkpoint``, loaded into
-    ``teacher`` here, or a ready module); the data's identity and order always; the checksums
-    per ``teacher_cache_verify``, split across processes under torchrun.
+    The cache must record the teacher the run names (``teacher_name``; with the options its
+    factory gets when it is built by name) and, when the run gives its weights
+    (``teacher_model``: loaded from ``teacher_checkpoint``, or a ready module), their hash; the
+    data's identity and order always; the checksums per ``teacher_cache_verify``, split across
+    processes under torchrun.
     """
-    from ..engine.checkpoint import load_model_weights
-    from ..engine.run import _options_for
-
-    cfg, env = run.cfg, run.env
     verify = cfg.teacher_cache_verify
     cache = TeacherCache(cfg.teacher_cache, verify=verify)
     cache.check_files()
     check_loss(loss, cache, cfg.loss)
-    weighed = None
-    if teacher is not None:
-        if cfg.teacher_checkpoint:
-            load_model_weights(teacher, Path(cfg.teacher_checkpoint), f"teacher {cfg.teacher!r}")
-        weighed = teacher
-    by_name = teacher_registration is not None and "teacher" not in run.objects
-    options = (_options_for(teacher_registration.factory, splits.model_options,
-                            cfg.teacher_options) if by_name else None)
     expected = expected_identity(
-        teacher_name=cfg.teacher if (by_name or "teacher" in run.objects) else None,
-        teacher_options=options, teacher_model=weighed, data_name=cfg.data,
-        data_options=cfg.data_options, train=splits.train, seed=cfg.seed, cache=cache)
+        teacher_name=teacher_name, teacher_options=teacher_options, teacher_model=teacher_model,
+        data_name=cfg.data, data_options=cfg.data_options, train=splits.train, seed=cfg.seed,
+        cache=cache)
     cache.compare(expected)
     if cache.num_classes != splits.num_classes:
         raise CacheError(f"{str(cache.path)!r} holds {cache.num_classes} classes per row, the data "

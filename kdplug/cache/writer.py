@@ -19,23 +19,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import __version__
-from ..api import get_registration
+from .._version import __version__
 from ..data import DataSplits
-from ..engine.batching import (ShardSampler, call_model, check_batch, collate, mix_seed,
-                               probe_batch, to_device)
-from ..engine.checkpoint import load_model_weights
+from ..engine.batching import ShardSampler, call_model, check_batch, collate, probe_batch, to_device
+from ..engine.components import Source, build_data, build_teacher
 from ..engine.distributed import DistEnv, setup
 from ..engine.evaluate import evaluate
 from ..engine.loop import autocast_factory
-from ..engine.run import SEED_TEACHER_INIT, _create, _display_name, _options_for
 from ..errors import KdplugError
+from .config import CacheConfig
 from .format import (CHUNK_DIR, DTYPES, FORMAT, FORMAT_VERSION, HASH, MANIFEST, PLAN, CacheError,
                      CacheMismatchError, NpyWriter, atomic_write_json, canonical, chunk_ranges,
                      describe_differences, file_digest, fsync_dir, index_dtype, read_json, short,
@@ -98,76 +96,36 @@ class CacheResult:
 
 
 def cache_teacher(teacher: Any = None, data: Any = None, out: Any = None, *,
-                  teacher_checkpoint: Optional[str] = None,
-                  teacher_options: Optional[Mapping[str, Any]] = None,
-                  data_options: Optional[Mapping[str, Any]] = None, dtype: str = "float32",
-                  top_k: Optional[int] = None, chunk_size: int = 1024, batch_size: int = 64,
-                  device: str = "auto", amp: str = "none", resume: bool = False,
-                  overwrite: bool = False, allow_random_transforms: bool = False,
-                  views: int = 1, seed: int = 0, evaluate_teacher: bool = True,
-                  num_workers: int = 0, threads: Optional[int] = None, quiet: bool = False,
-                  callbacks: Sequence[Any] = ()) -> CacheResult:
+                  callbacks: Sequence[Any] = (), **options: Any) -> CacheResult:
     """Run ``teacher`` once over ``data``'s training split and write its outputs to ``out``.
 
     Args:
         teacher: a teacher name (``kdplug.list_teachers()``, ``hf:PATH`` too) or an nn.Module.
         data: a data provider name or a ``kdplug.data.DataSplits``.
         out: the cache folder (created; must be new or empty unless resume/overwrite).
-        teacher_checkpoint: load the teacher's weights from this file (e.g. the
-            ``checkpoints/teacher.pt`` of a ``kdplug distill`` run, or a plain state_dict).
-        teacher_options, data_options: factory options, as for ``kdplug.distill``.
-        dtype: float32 (default), float16 or bfloat16: how dense logits (or top-k
-            log-probabilities) are stored.
-        top_k: keep only the k largest classes per row (indices + log-probabilities at T = 1).
-        chunk_size: samples per chunk file (the unit of writing, checksumming and resuming).
-        batch_size: teacher batch size; device, amp ("none", "bf16", "fp16"): where and how the
-            teacher runs.
-        resume: continue (or repair) the cache in ``out``: verified chunks are kept.
-        overwrite: delete the cache in ``out`` first.
-        allow_random_transforms: the training transform is random: store ``views`` augmented
-            views per sample, view v drawn exactly as the engine draws epoch v's augmentation
-            under ``seed`` (a run with the cache replays epoch e as view e mod views).
-        evaluate_teacher: also measure the teacher on the test split (kept in the manifest and
-            shown as the teacher in reports of runs that use the cache).
         callbacks: objects with an optional ``on_chunk(view, chunk, start, stop, written)``.
+        **options: any :class:`~kdplug.cache.config.CacheConfig` field (``kdplug cache-teacher
+            --help`` shows them with their defaults): teacher_checkpoint (the teacher's weights,
+            e.g. a distill run's ``checkpoints/teacher.pt``), teacher_options, data_options,
+            dtype, top_k (keep the k largest classes per row as indices + log-probabilities at
+            T = 1), chunk_size, batch_size, device, amp, resume, overwrite,
+            allow_random_transforms and views (a random transform: ``views`` augmented views per
+            sample, view v drawn as the engine draws epoch v's under ``seed``), seed,
+            evaluate_teacher (measure it on the test split, kept in the manifest and shown as
+            the teacher of runs that use the cache), num_workers, threads, quiet.
 
     Returns a :class:`CacheResult`. Under ``torchrun`` each process writes its share.
     """
-    _check_arguments(dtype, top_k, chunk_size, batch_size, views, seed, resume, overwrite, amp)
+    cfg = CacheConfig.from_options({"teacher": teacher, "data": data, "out": out, **options})
     threads_before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    env = setup(device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    env = setup(cfg.device)
     try:
-        writer = _Writer(env=env, teacher=teacher, data=data, out=out,
-                         teacher_checkpoint=teacher_checkpoint,
-                         teacher_options=dict(teacher_options or {}),
-                         data_options=dict(data_options or {}), dtype=dtype, top_k=top_k,
-                         chunk_size=chunk_size, batch_size=batch_size, amp=amp, resume=resume,
-                         overwrite=overwrite, allow_random=allow_random_transforms, views=views,
-                         seed=seed, evaluate_teacher=evaluate_teacher, num_workers=num_workers,
-                         quiet=quiet or not env.is_main, callbacks=list(callbacks))
-        return writer.run()
+        return _Writer(cfg, env, list(callbacks)).run()
     finally:
         env.teardown()
         torch.set_num_threads(threads_before)
-
-
-def _check_arguments(dtype, top_k, chunk_size, batch_size, views, seed, resume, overwrite,
-                     amp) -> None:
-    if dtype not in DTYPES:
-        raise CacheError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    for name, value, low in (("chunk_size", chunk_size, 1), ("batch_size", batch_size, 1),
-                             ("views", views, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise CacheError(f"{name} must be an int >= {low}, got {value!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise CacheError(f"top_k must be an int >= 1 (or none for dense logits), got {top_k!r}")
-    if resume and overwrite:
-        raise CacheError("resume and overwrite exclude each other: resume continues the cache, "
-                         "overwrite rebuilds it")
-    if amp not in ("none", "bf16", "fp16"):
-        raise CacheError(f"amp must be none, bf16 or fp16, got {amp!r}")
 
 
 def identity(record: Mapping[str, Any]) -> Dict[str, Any]:
@@ -197,35 +155,53 @@ class _ViewItems(Dataset):
         return self.dataset[index]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the cache is cut and stored (decided from the teacher's output on two samples)."""
+
+    ranges: List[Tuple[int, int]]  # the chunks' sample ranges [start, stop)
+    views: int  # augmented views per sample (1 for a deterministic transform)
+    sequence: bool  # token outputs [B, L, V]: one row per real token
+    num_classes: int
+    kind: str  # "dense" or "topk"
+    index_dtype: np.dtype  # top-k class indices on disk
+
+
 class _Writer:
-    def __init__(self, *, env: DistEnv, teacher: Any, data: Any, out: Any, **options: Any) -> None:
-        if teacher is None or data is None or out is None:
-            missing = [n for n, v in (("teacher", teacher), ("data", data), ("out", out))
-                       if v is None]
-            raise CacheError(f"cache_teacher needs a teacher, data and an output folder; "
-                             f"missing: {', '.join(missing)}")
-        self.env, self.teacher_arg, self.data_arg = env, teacher, data
-        self.out = Path(out)
-        for key, value in options.items():
-            setattr(self, key, value)
-        self.autocast = autocast_factory(self.amp, env.device)
+    """One cache-teacher run: everything is built and checked in ``__init__`` (data, teacher,
+    plan), then :meth:`run` prepares the folder, writes this process's chunks and the manifest."""
+
+    def __init__(self, cfg: CacheConfig, env: DistEnv, callbacks: List[Any]) -> None:
+        self.cfg, self.env, self.callbacks = cfg, env, callbacks
+        self.out = Path(cfg.out)
+        self.quiet = cfg.quiet or not env.is_main
+        self.autocast = autocast_factory(cfg.amp, env.device)
+        data = Source.of("data", cfg.data)
+        self.data_name = data.name
+        self.splits = build_data(data, cfg.data_options, env)
+        if len(self.splits.train) < 1:
+            raise CacheError(f"data {self.data_name!r} has an empty training split")
+        self.collate: Callable = self.splits.collate_fn or collate
+        teacher = Source.of("teacher", cfg.teacher)
+        built = build_teacher(teacher, self.splits, cfg.teacher_options, cfg.seed,
+                              cfg.teacher_checkpoint)  # as kdplug.distill builds it
+        self.teacher_name = built.name
+        self.teacher_options = built.options or {}
+        self.model = built.model.to(env.device).eval()
+        self.model.requires_grad_(False)
+        self.plan, self.layout = self._plan()
 
     def log(self, line: str) -> None:
         if not self.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    # ------------------------------------------------------------------ set-up
     def run(self) -> CacheResult:
         started = time.perf_counter()
         env = self.env
-        self.splits = self._data()
-        self.model = self._teacher()
-        self.collate = self.splits.collate_fn or collate
-        plan = self._plan()
         problem = None
         if env.is_main:
             try:
-                self._prepare_folder(plan)
+                self._prepare_folder(self.plan)
             except KdplugError as exc:
                 problem = exc
         message = env.broadcast(None if problem is None else (type(problem).__name__,
@@ -234,7 +210,6 @@ class _Writer:
             raise problem
         if message is not None:
             raise CacheError(message[1])
-        self.plan = plan
         written, skipped, error = 0, 0, None
         try:
             written, skipped = self._write_units()
@@ -248,70 +223,23 @@ class _Writer:
         counts = env.gather((written, skipped))
         written, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
         env.barrier()
-        teacher_eval = self._evaluate() if self.evaluate_teacher else None
+        teacher_eval = self._evaluate() if self.cfg.evaluate_teacher else None
         manifest = None
         if env.is_main:
             manifest = self._write_manifest(teacher_eval, started)
         manifest = env.broadcast(manifest)
         env.barrier()
-        result = CacheResult(out=self.out, manifest=manifest, written=written, skipped=skipped,
-                             seconds=round(time.perf_counter() - started, 3))
-        return result
+        return CacheResult(out=self.out, manifest=manifest, written=written, skipped=skipped,
+                           seconds=round(time.perf_counter() - started, 3))
 
-    def _data(self) -> DataSplits:
-        env = self.env
-        if isinstance(self.data_arg, str):
-            registration = get_registration("dataset", self.data_arg)
-            self.data_name = self.data_arg
-            splits = None
-            for turn in ((0,) if not env.distributed else (0, 1)):
-                if (env.rank == 0) == (turn == 0):  # rank 0 first: it may download
-                    splits = _create(registration, "data", self.data_arg, self.data_options)
-                env.barrier()
-        else:
-            if self.data_options:
-                raise CacheError("data_options apply to data given by name; this data was given "
-                                 "as a ready object")
-            splits = self.data_arg
-            self.data_name = _display_name(splits)
-        if not isinstance(splits, DataSplits):
-            raise KdplugError(f"data {self.data_name!r} gave a {type(splits).__name__}; a data "
-                              "provider must return a kdplug.data.DataSplits")
-        if len(splits.train) < 1:
-            raise CacheError(f"data {self.data_name!r} has an empty training split")
-        return splits
-
-    def _teacher(self) -> torch.nn.Module:
-        if isinstance(self.teacher_arg, str):
-            registration = get_registration("teacher", self.teacher_arg)
-            self.teacher_name = self.teacher_arg
-            self.resolved_options = _options_for(registration.factory, self.splits.model_options,
-                                                 self.teacher_options)
-            with torch.random.fork_rng(devices=[]):  # as kdplug.distill builds it
-                torch.manual_seed(mix_seed(self.seed, SEED_TEACHER_INIT))
-                model = _create(registration, "teacher", self.teacher_arg, self.resolved_options)
-        elif isinstance(self.teacher_arg, torch.nn.Module):
-            if self.teacher_options:
-                raise CacheError("teacher_options apply to a teacher given by name; this teacher "
-                                 "was given as a ready nn.Module")
-            model, self.teacher_name, self.resolved_options = (
-                self.teacher_arg, _display_name(self.teacher_arg), {})
-        else:
-            raise CacheError(f"the teacher must be a name or a torch.nn.Module, got "
-                             f"{type(self.teacher_arg).__name__}")
-        if self.teacher_checkpoint:
-            load_model_weights(model, Path(self.teacher_checkpoint),
-                               f"teacher {self.teacher_name!r}")
-        model.to(self.env.device).eval()
-        model.requires_grad_(False)
-        return model
-
-    def _plan(self) -> Dict[str, Any]:
+    # ------------------------------------------------------------------ set-up
+    def _plan(self) -> Tuple[Dict[str, Any], _Layout]:
+        cfg = self.cfg
         train = self.splits.train
         info = transform_info(train)
         random_transform = not info["deterministic"]
         if random_transform:
-            if not self.allow_random:
+            if not cfg.allow_random_transforms:
                 raise CacheError(
                     f"data {self.data_name!r}: its training transform is random (sample "
                     f"{info.get('differs_at')} differs between two loads): a teacher's cached "
@@ -326,11 +254,11 @@ class _Writer:
                     "reproducible from kdplug's per-item seeding (it draws from an RNG other "
                     "than torch's or Python's global one, e.g. NumPy's), so its views cannot be "
                     "replayed; turn the augmentation off to cache this teacher")
-        elif self.views != 1:
-            raise CacheError(f"views={self.views} asks for augmented views, but the training "
+        elif cfg.views != 1:
+            raise CacheError(f"views={cfg.views} asks for augmented views, but the training "
                              f"transform of data {self.data_name!r} is deterministic: one view is "
                              "all there is; leave views at 1")
-        view_seed = self.seed if random_transform else None
+        view_seed = cfg.seed if random_transform else None
         order = order_fingerprint(train, seed=view_seed or 0, epoch=0)
         logits = self._probe_forward()
         sequence = logits.dim() == 3
@@ -339,39 +267,40 @@ class _Writer:
             raise CacheError(f"teacher {self.teacher_name!r} gives logits "
                              f"{list(logits.shape)}; a cache stores [batch, classes] or "
                              "[batch, tokens, vocabulary] outputs")
-        if self.top_k is not None and self.top_k > num_classes:
-            raise CacheError(f"top_k={self.top_k} exceeds the teacher's {num_classes} classes")
-        kind = "dense" if self.top_k is None else "topk"
+        if cfg.top_k is not None and cfg.top_k > num_classes:
+            raise CacheError(f"top_k={cfg.top_k} exceeds the teacher's {num_classes} classes")
+        kind = "dense" if cfg.top_k is None else "topk"
         num_samples = len(train)  # type: ignore[arg-type]
-        self.ranges = chunk_ranges(num_samples, self.chunk_size)
-        self.sequence, self.num_classes, self.kind = sequence, num_classes, kind
-        self.views = self.views if random_transform else 1
-        self.index_dtype = np.dtype(index_dtype(num_classes))
-        storage = {"kind": kind, "dtype": self.dtype, "k": self.top_k,
-                   "index_dtype": self.index_dtype.name if kind == "topk" else None,
+        layout = _Layout(ranges=chunk_ranges(num_samples, cfg.chunk_size),
+                         views=cfg.views if random_transform else 1, sequence=sequence,
+                         num_classes=num_classes, kind=kind,
+                         index_dtype=np.dtype(index_dtype(num_classes)))
+        storage = {"kind": kind, "dtype": cfg.dtype, "k": cfg.top_k,
+                   "index_dtype": layout.index_dtype.name if kind == "topk" else None,
                    "num_classes": num_classes, "sequence": sequence,
                    "rows": "one per real token (attention_mask)" if sequence else "one per sample",
                    "values": ("log-probabilities at T=1 of the k largest classes, descending"
                               if kind == "topk" else "raw logits (before temperature)"),
-                   "chunk_size": self.chunk_size, "num_chunks": len(self.ranges)}
-        teacher = {"name": self.teacher_name, "options": self.resolved_options,
+                   "chunk_size": cfg.chunk_size, "num_chunks": len(layout.ranges)}
+        teacher = {"name": self.teacher_name, "options": self.teacher_options,
                    "class": type(self.model).__name__,
                    "params": sum(p.numel() for p in self.model.parameters()),
-                   "weights_hash": weights_hash(self.model), "amp": self.amp,
-                   "checkpoint": str(self.teacher_checkpoint) if self.teacher_checkpoint else None}
-        data = {"name": self.data_name, "options": self.data_options, "split": "train",
+                   "weights_hash": weights_hash(self.model), "amp": cfg.amp,
+                   "checkpoint": str(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None}
+        data = {"name": self.data_name, "options": cfg.data_options, "split": "train",
                 "task": self.splits.task, "num_samples": num_samples,
                 "num_classes": self.splits.num_classes, "order": order}
         transform = {"description": info["description"], "deterministic": info["deterministic"],
-                     "views": self.views, "seed": view_seed}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "kdplug_version": __version__,
+                     "views": layout.views, "seed": view_seed}
+        plan = {"format": FORMAT, "format_version": FORMAT_VERSION, "kdplug_version": __version__,
                 "teacher": canonical(teacher), "data": canonical(data),
                 "transform": canonical(transform), "storage": storage,
-                "writer": {"batch_size": self.batch_size, "device": str(self.env.device),
+                "writer": {"batch_size": cfg.batch_size, "device": str(self.env.device),
                            "world_size": self.env.world_size,
                            "partition": "chunk u (view-major) is written by process u mod "
                                         "world_size",
                            "started": datetime.datetime.now().isoformat(timespec="seconds")}}
+        return plan, layout
 
     def _probe_forward(self) -> torch.Tensor:
         batch = probe_batch(self.splits.train, self.collate, f"data {self.data_name!r}",
@@ -393,11 +322,11 @@ class _Writer:
         elif plan_path.is_file():
             existing, state = read_json(plan_path, "the cache plan"), "incomplete"
         if existing is not None:
-            if self.overwrite:
+            if self.cfg.overwrite:
                 manifest_path.unlink(missing_ok=True)
                 plan_path.unlink(missing_ok=True)
                 shutil.rmtree(chunks, ignore_errors=True)
-            elif self.resume:
+            elif self.cfg.resume:
                 differ = describe_differences(identity(existing), identity(plan))
                 if differ:
                     shown = "; ".join(f"{key}: {short(then)} then, {short(now)} now"
@@ -425,9 +354,10 @@ class _Writer:
     # ------------------------------------------------------------------ writing
     def _write_units(self) -> Tuple[int, int]:
         env = self.env
-        units = [(v, c) for v in range(self.views) for c in range(len(self.ranges))]
+        layout = self.layout
+        units = [(v, c) for v in range(layout.views) for c in range(len(layout.ranges))]
         mine = [u for i, u in enumerate(units) if i % env.world_size == env.rank]
-        total_samples = sum(self.ranges[c][1] - self.ranges[c][0] for _, c in mine)
+        total_samples = sum(layout.ranges[c][1] - layout.ranges[c][0] for _, c in mine)
         bar = None
         if not self.quiet and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -436,10 +366,10 @@ class _Writer:
                        file=sys.stderr, dynamic_ncols=True)
         written = skipped = done = 0
         every = max(1, math.ceil(len(mine) / 10))
-        items = _ViewItems(self.splits.train, self.seed, seeded=self.views > 1 or
+        items = _ViewItems(self.splits.train, self.cfg.seed, seeded=self.layout.views > 1 or
                            self.plan["transform"]["seed"] is not None)
         for n, (view, chunk) in enumerate(mine, 1):
-            start, stop = self.ranges[chunk]
+            start, stop = self.layout.ranges[chunk]
             unit_started = time.perf_counter()
             if self._verified(view, chunk):
                 skipped += 1
@@ -454,7 +384,7 @@ class _Writer:
             elif n % every == 0 or n == len(mine):
                 what = "kept (verified)" if kept else "written"
                 self.log(f"cache-teacher: chunk {n}/{len(mine)} {what}: samples "
-                         f"{start}..{stop - 1}" + (f" view {view}" if self.views > 1 else "")
+                         f"{start}..{stop - 1}" + (f" view {view}" if layout.views > 1 else "")
                          + f" ({time.perf_counter() - unit_started:.1f} s)")
             for cb in self.callbacks:
                 hook = getattr(cb, "on_chunk", None)
@@ -476,7 +406,7 @@ class _Writer:
             record = read_json(path, "chunk record")
         except CacheError:
             return False
-        start, stop = self.ranges[chunk]
+        start, stop = self.layout.ranges[chunk]
         if (record.get("start"), record.get("stop"), record.get("view")) != (start, stop, view):
             return False
         for file_record in record.get("files", {}).values():
@@ -490,13 +420,14 @@ class _Writer:
     def _write_unit(self, items: Dataset, view: int, chunk: int, start: int, stop: int) -> None:
         self._sidecar(view, chunk).unlink(missing_ok=True)
         keys = [(view, i) for i in range(start, stop)]
-        sampler = [keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        size = self.cfg.batch_size
+        sampler = [keys[i:i + size] for i in range(0, len(keys), size)]
         loader = DataLoader(items, batch_sampler=sampler, collate_fn=self.collate,
-                            num_workers=self.num_workers)
+                            num_workers=self.cfg.num_workers)
         batches, lengths = [], []
         for batch in loader:  # the inputs of one chunk: small next to its outputs
             batch = check_batch(batch, f"data {self.data_name!r}")
-            if self.sequence:
+            if self.layout.sequence:
                 mask = batch.get("attention_mask")
                 if not isinstance(mask, torch.Tensor):
                     mask = torch.ones(batch["inputs"].shape[:2], dtype=torch.bool)
@@ -508,35 +439,36 @@ class _Writer:
             batches.append((batch, mask))
         rows = int(sum(lengths))
         stem = self.out / CHUNK_DIR / unit_stem(view, chunk)
-        storage_dtype = DTYPES[self.dtype]
-        if self.kind == "dense":
-            writers = {"logits": NpyWriter(Path(f"{stem}.logits.npy"), (rows, self.num_classes),
+        storage_dtype = DTYPES[self.cfg.dtype]
+        if self.layout.kind == "dense":
+            writers = {"logits": NpyWriter(Path(f"{stem}.logits.npy"),
+                                           (rows, self.layout.num_classes),
                                            storage_dtype, self.out)}
         else:
-            writers = {"indices": NpyWriter(Path(f"{stem}.indices.npy"), (rows, self.top_k),
-                                            self.index_dtype, self.out),
-                       "logprobs": NpyWriter(Path(f"{stem}.logprobs.npy"), (rows, self.top_k),
+            writers = {"indices": NpyWriter(Path(f"{stem}.indices.npy"), (rows, self.cfg.top_k),
+                                            self.layout.index_dtype, self.out),
+                       "logprobs": NpyWriter(Path(f"{stem}.logprobs.npy"), (rows, self.cfg.top_k),
                                              storage_dtype, self.out)}
         try:
             row = 0
             for b, (batch, mask) in enumerate(batches):
-                out = self._forward(batch, mask, start + b * self.batch_size)
+                out = self._forward(batch, mask, start + b * self.cfg.batch_size)
                 n = int(out.shape[0])
-                if self.kind == "dense":
-                    writers["logits"].array[row:row + n] = to_storage(out, self.dtype)
+                if self.layout.kind == "dense":
+                    writers["logits"].array[row:row + n] = to_storage(out, self.cfg.dtype)
                 else:
-                    values, top = out.topk(self.top_k, dim=-1)
+                    values, top = out.topk(self.cfg.top_k, dim=-1)
                     logprobs = values - torch.logsumexp(out, dim=-1, keepdim=True)
                     writers["indices"].array[row:row + n] = top.cpu().numpy().astype(
-                        self.index_dtype)
-                    writers["logprobs"].array[row:row + n] = to_storage(logprobs, self.dtype)
+                        self.layout.index_dtype)
+                    writers["logprobs"].array[row:row + n] = to_storage(logprobs, self.cfg.dtype)
                 row += n
             files = {name: w.close() for name, w in writers.items()}
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
-        if self.sequence:
+        if self.layout.sequence:
             files["lengths"] = write_npy(np.asarray(lengths, dtype=np.int32),
                                          Path(f"{stem}.lengths.npy"), self.out)
         atomic_write_json({"view": view, "chunk": chunk, "start": start, "stop": stop,
@@ -549,14 +481,14 @@ class _Writer:
         with torch.no_grad(), self.autocast():
             logits = call_model(self.model, batch).logits
         logits = logits.float()
-        if self.sequence:
+        if self.layout.sequence:
             if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
                 raise CacheError(f"teacher {self.teacher_name!r} gave logits "
                                  f"{list(logits.shape)} for a batch of {list(mask.shape)} tokens")
             logits = logits[mask.to(logits.device)]
-        if logits.shape[-1] != self.num_classes:
+        if logits.shape[-1] != self.layout.num_classes:
             raise CacheError(f"teacher {self.teacher_name!r} gave {logits.shape[-1]} classes at "
-                             f"sample {first}, {self.num_classes} before")
+                             f"sample {first}, {self.layout.num_classes} before")
         finite = torch.isfinite(logits).all(-1)
         if not bool(finite.all()):
             raise CacheError(f"teacher {self.teacher_name!r} gave non-finite logits in the batch "
@@ -566,9 +498,9 @@ class _Writer:
     # ------------------------------------------------------------------ finishing
     def _evaluate(self) -> Dict[str, Any]:
         env = self.env
-        loader = DataLoader(self.splits.test, batch_size=self.batch_size,
+        loader = DataLoader(self.splits.test, batch_size=self.cfg.batch_size,
                             sampler=ShardSampler(len(self.splits.test), env.rank, env.world_size),
-                            collate_fn=self.collate, num_workers=self.num_workers)
+                            collate_fn=self.collate, num_workers=self.cfg.num_workers)
         metrics = evaluate(self.model, loader, task=self.splits.task, env=env,
                            autocast=self.autocast, where="teacher evaluation (cache-teacher)")
         return {"split": "test", **metrics}
@@ -576,8 +508,8 @@ class _Writer:
     def _write_manifest(self, teacher_eval: Optional[Dict[str, Any]], started: float
                         ) -> Dict[str, Any]:
         records: List[Dict[str, Any]] = []
-        for view in range(self.views):
-            for chunk in range(len(self.ranges)):
+        for view in range(self.layout.views):
+            for chunk in range(len(self.layout.ranges)):
                 path = self._sidecar(view, chunk)
                 if not path.is_file():
                     raise CacheError(f"chunk {chunk} of view {view} has no record after every "

@@ -2,7 +2,8 @@
 
 Every key of :class:`DistillConfig` can be set in a TOML file (``kdplug distill --config run.toml``,
 ``kdplug.distill(config="run.toml")``), as a keyword of :func:`kdplug.distill`, or as a CLI flag
-(``teacher_epochs`` is ``--teacher-epochs``). Options for the factories are tables::
+(``teacher_epochs`` is ``--teacher-epochs``): each field is declared once, with its default and
+help, and the CLI's options are made from the declarations. Options for the factories are tables::
 
     teacher = "cnn-teacher"
     epochs = 5
@@ -18,11 +19,15 @@ import dataclasses
 import difflib
 import math
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import tomli_w
 
 from ..errors import KdplugError
+from ..hyperparameters import check_alpha, check_temperature
+from ..settings import declared_problem, setting, settings_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,11 +38,9 @@ __all__ = ["DistillConfig", "ConfigError", "load_config_file", "resolve_config",
            "parse_option", "parse_options", "OPTION_TABLES", "RESUME_IDENTITY_EXCLUDES",
            "to_toml"]
 
-OPTIONAL_INT = "int or null"
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
-OPTION_TABLES = ("teacher_options", "student_options", "data_options", "loss_options")
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
     "out", "resume", "overwrite", "device", "quiet", "num_workers", "threads", "checkpoint_every",
@@ -54,67 +57,73 @@ class ConfigError(KdplugError):
 class DistillConfig:
     """Everything a distillation run needs besides the objects themselves.
 
-    teacher, student, data, loss: registry names (for ready objects: their class names, shown in
-        reports only).
-    temperature: T > 0 softening both sides' logits in the soft-target loss.
-    alpha: weight of the soft-target term in [0, 1] (``kd+ce`` = α·kd + (1−α)·ce).
-    epochs: student epochs (the distilled student and the scratch baseline alike).
-    teacher_epochs: teacher epochs on the labels (default: ``epochs``; 0 uses the teacher as built).
-    teacher_checkpoint: load the teacher from this file instead of training it.
-    baseline: also train the student from scratch on the labels, same budget and seed.
-    out: output folder (default ``runs/distill-<time>``); resume: continue the run in ``out``;
-        overwrite: start over in an ``out`` that holds a run.
-    batch_size: global batch (split across processes under torchrun); eval_batch_size likewise
-        per process for evaluation.
-    optimizer: adamw | adam | sgd; lr, teacher_lr (default lr), weight_decay, momentum (sgd).
-    scheduler: cosine | linear | constant, per step, after warmup_steps of linear warm-up.
-    grad_clip: max gradient norm (none by default).
-    device: auto | cpu | cuda | cuda:N; amp: none | bf16 | fp16 (fp16: CUDA only, with a scaler).
-    checkpoint_every: also checkpoint every N steps (0: at the end of each epoch only).
-    threads: torch's intra-op CPU threads for the run (default: torch's own choice).
-    teacher_cache: a folder written by ``kdplug cache-teacher``: the student learns from the
-        teacher's cached outputs (no teacher phase, no teacher forward), after the cache is
-        checked against this run (teacher, data, sample order, transform, format, checksums).
-    teacher_cache_verify: full (every chunk's checksum before training) | lazy (each chunk's
-        checksum when first read) | size (file sizes only).
+    Each field is declared once below with its default and help; ``kdplug distill --help`` shows
+    them as options. teacher, student, data and loss are registry names (for ready objects: their
+    class names, shown in reports only).
     """
 
-    teacher: Optional[str] = None
-    student: Optional[str] = None
-    data: Optional[str] = None
-    loss: str = "kd+ce"
-    temperature: float = 4.0
-    alpha: float = 0.9
-    epochs: int = 10
-    teacher_epochs: Optional[int] = None
-    teacher_checkpoint: Optional[str] = None
-    baseline: bool = False
-    out: Optional[str] = None
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    teacher_lr: Optional[float] = None
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    grad_clip: Optional[float] = None
-    device: str = "auto"
-    amp: str = "none"
-    num_workers: int = 0
-    threads: Optional[int] = None
-    checkpoint_every: int = 0
-    quiet: bool = False
-    teacher_cache: Optional[str] = None
-    teacher_cache_verify: str = "full"
-    teacher_options: Dict[str, Any] = field(default_factory=dict)
-    student_options: Dict[str, Any] = field(default_factory=dict)
-    data_options: Dict[str, Any] = field(default_factory=dict)
-    loss_options: Dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[str] = setting(None, help="Teacher name (`kdplug plugins` lists them).")
+    student: Optional[str] = setting(None, help="Student name.")
+    data: Optional[str] = setting(None, help="Data provider name.")
+    loss: str = setting("kd+ce", help="Loss name.")
+    temperature: float = setting(4.0, short="-T",
+                                 help="Softmax temperature T > 0 softening both sides' logits.")
+    alpha: float = setting(0.9, help="Weight of the soft-target term in [0, 1] "
+                                     "(kd+ce = alpha*kd + (1-alpha)*ce).")
+    epochs: int = setting(10, help="Student epochs (the distilled student and the scratch "
+                                   "baseline alike).")
+    teacher_epochs: Optional[int] = setting(None, default_text="= --epochs",
+                                            help="Teacher epochs on the labels (0: use the "
+                                                 "teacher as built).")
+    teacher_checkpoint: Optional[str] = setting(None, path="file",
+                                                help="Load the teacher from this checkpoint "
+                                                     "instead of training it.")
+    baseline: bool = setting(False, negatable=True, help="Also train the student from scratch "
+                                                         "on the labels (same budget and seed).")
+    out: Optional[str] = setting(None, path="dir", default_text="runs/distill-<time>",
+                                 help="Output folder.")
+    resume: bool = setting(False, help="Continue the run in --out.")
+    overwrite: bool = setting(False, help="Start over in an --out that holds a run.")
+    seed: int = setting(0, help="Random seed (initial weights, data order, augmentation).")
+    batch_size: int = setting(64, help="Global batch size (split across processes under "
+                                       "torchrun).")
+    eval_batch_size: int = setting(256, help="Evaluation batch size per process.")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, help="Optimizer.")
+    lr: float = setting(1e-3, help="Learning rate.")
+    teacher_lr: Optional[float] = setting(None, default_text="= --lr",
+                                          help="Teacher learning rate.")
+    weight_decay: float = setting(0.01, help="Weight decay.")
+    momentum: float = setting(0.9, help="SGD momentum.")
+    scheduler: str = setting("cosine", choices=SCHEDULERS,
+                             help="LR schedule per step, after the warm-up.")
+    warmup_steps: int = setting(0, help="Linear LR warm-up steps.")
+    grad_clip: Optional[float] = setting(None, default_text="none", help="Max gradient norm.")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
+    amp: str = setting("none", choices=AMP_MODES,
+                       help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
+    num_workers: int = setting(0, help="DataLoader worker processes.")
+    threads: Optional[int] = setting(None, default_text="torch's choice",
+                                     help="torch CPU threads for the run.")
+    checkpoint_every: int = setting(0, help="Also checkpoint every N steps (0: at each epoch's "
+                                            "end only).")
+    quiet: bool = setting(False, help="No per-epoch lines or progress bars.")
+    teacher_cache: Optional[str] = setting(
+        None, path="dir", help="Learn from the teacher outputs cached in this folder by `kdplug "
+                               "cache-teacher` (checked against this run; no teacher phase).")
+    teacher_cache_verify: str = setting(
+        "full", choices=CACHE_VERIFY_MODES,
+        help="Cache checksums: all before training (full), each chunk on first read (lazy), or "
+             "file sizes only (size).")
+    teacher_options: Dict[str, Any] = setting(
+        default_factory=dict, flag="--teacher-option", metavar="KEY=VALUE",
+        help="Teacher factory option (repeatable), e.g. dropout=0.1.")
+    student_options: Dict[str, Any] = setting(default_factory=dict, flag="--student-option",
+                                              metavar="KEY=VALUE", help="Student factory option.")
+    data_options: Dict[str, Any] = setting(
+        default_factory=dict, flag="--data-option", metavar="KEY=VALUE",
+        help="Data provider option, e.g. root=data or download=false.")
+    loss_options: Dict[str, Any] = setting(default_factory=dict, flag="--loss-option",
+                                           metavar="KEY=VALUE", help="Loss factory option.")
 
     # -- derived
     @property
@@ -144,54 +153,31 @@ class DistillConfig:
             return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
                                f"got {getattr(self, key)!r}")
 
-        for key in ("teacher", "student", "data", "teacher_checkpoint", "out", "teacher_cache"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                raise bad(key, "a string")
-        if not isinstance(self.loss, str) or not self.loss:
+        problem = declared_problem(self)  # what the declarations say: types and choices
+        if problem:
+            raise bad(*problem)
+        if not self.loss:
             raise bad("loss", "a loss name")
-        if _not_number(self.temperature) or not math.isfinite(self.temperature) \
-                or self.temperature <= 0:
-            raise ConfigError(f"temperature must be finite and > 0, got {self.temperature!r}"
-                              f"{at('temperature')}"
-                              " (T softens the logits as softmax(logits/T); 2..8 is usual)")
-        if _not_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha!r}{at('alpha')} "
-                              "(loss = alpha*kd + (1-alpha)*ce)")
+        try:  # the rule the op and the losses apply too
+            check_temperature(self.temperature, source=at("temperature"))
+            check_alpha(self.alpha, source=at("alpha"))
+        except KdplugError as exc:
+            raise ConfigError(str(exc)) from None
         for key, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
-                         ("warmup_steps", 0), ("num_workers", 0), ("checkpoint_every", 0)):
+                         ("warmup_steps", 0), ("num_workers", 0), ("checkpoint_every", 0),
+                         ("teacher_epochs", 0), ("threads", 1)):
             value = getattr(self, key)
-            if _not_int(value) or value < low:
+            if value is not None and value < low:
                 raise bad(key, f"an int >= {low}")
-        if self.teacher_epochs is not None and (_not_int(self.teacher_epochs)
-                                                or self.teacher_epochs < 0):
-            raise bad("teacher_epochs", "an int >= 0")
-        if self.threads is not None and (_not_int(self.threads) or self.threads < 1):
-            raise bad("threads", "an int >= 1")
-        for key in ("lr", "teacher_lr", "grad_clip"):
+        for key, low, strict in (("lr", 0, True), ("teacher_lr", 0, True), ("grad_clip", 0, True),
+                                 ("weight_decay", 0, False), ("momentum", 0, False)):
             value = getattr(self, key)
-            if value is None and key != "lr":
-                continue
-            if _not_number(value) or not math.isfinite(value) or value <= 0:
-                raise bad(key, "a number > 0")
-        for key in ("weight_decay", "momentum"):
-            value = getattr(self, key)
-            if _not_number(value) or not math.isfinite(value) or value < 0:
-                raise bad(key, "a number >= 0")
-        for key in ("baseline", "resume", "overwrite", "quiet"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "true or false")
-        for key, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
-                             ("amp", AMP_MODES), ("teacher_cache_verify", CACHE_VERIFY_MODES)):
-            if getattr(self, key) not in choices:
-                raise bad(key, "one of " + ", ".join(choices))
+            if value is not None and not (math.isfinite(value)
+                                          and (value > low if strict else value >= low)):
+                raise bad(key, f"a number {'>' if strict else '>='} {low}")
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "auto, cpu, cuda or cuda:N")
-        for key in OPTION_TABLES:
-            value = getattr(self, key)
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise bad(key, "a table of name = value options")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run "
                               "in out, overwrite starts it over")
@@ -202,12 +188,10 @@ def _not_int(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
 
-def _not_number(value: Any) -> bool:
-    return isinstance(value, bool) or not isinstance(value, (int, float))
-
-
-FIELD_NAMES: Tuple[str, ...] = tuple(f.name for f in fields(DistillConfig))
-_FLOAT_FIELDS = {f.name for f in fields(DistillConfig) if f.type in ("float", "Optional[float]")}
+SETTINGS = settings_of(DistillConfig)
+FIELD_NAMES: Tuple[str, ...] = tuple(item.name for item in SETTINGS)
+_FLOAT_FIELDS = {item.name for item in SETTINGS if item.type is float}
+OPTION_TABLES: Tuple[str, ...] = tuple(item.name for item in SETTINGS if item.is_table)
 
 
 def _normalize_key(key: str) -> str:
@@ -308,33 +292,16 @@ def parse_options(items: Iterable[str], flag: str = "--option") -> Dict[str, Any
 
 
 def to_toml(values: Mapping[str, Any]) -> str:
-    """A TOML document for a flat config with option tables (None values are left out)."""
-    lines: List[str] = []
-    tables: List[Tuple[str, Mapping[str, Any]]] = []
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        elif value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, table in tables:
-        lines.append(f"\n[{key}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    """A TOML document for a flat config with option tables (None values are left out: TOML has
+    no null; values TOML cannot hold, such as objects given from Python, are written as strings)."""
+    return tomli_w.dumps(_toml_ready(values))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
+def _toml_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _toml_ready(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    import json
-
-    return json.dumps(str(value))  # a basic TOML string: JSON escapes are valid TOML escapes
+        return [_toml_ready(v) for v in value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

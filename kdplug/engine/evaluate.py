@@ -11,16 +11,17 @@ import contextlib
 import math
 import statistics
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterable
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from ..losses import IGNORE_INDEX, token_mask
-from .batching import batches, call_model
+from .batching import batches, call_model, check_batch, to_device
 from .distributed import DistEnv
 
-__all__ = ["evaluate", "measure_inference_ms"]
+__all__ = ["evaluate", "measure_inference_ms", "time_inference"]
 
 
 @torch.no_grad()
@@ -88,3 +89,23 @@ def measure_inference_ms(model: torch.nn.Module, batch: Dict[str, Any], *,
     finally:
         model.train(was_training)
     return statistics.median(times)
+
+
+def time_inference(results: Sequence[Any], test: Dataset, collate: Callable, batch_size: int,
+                   autocast: Callable[[], ContextManager], env: DistEnv) -> Optional[int]:
+    """Sets each result's ``inference_ms_per_batch`` (measured by rank 0 on the first test batch;
+    None for a result without a model, such as a cached teacher). Returns that batch's size."""
+    timings: Dict[str, float] = {}
+    size = None
+    if env.is_main:
+        batch = to_device(check_batch(next(iter(DataLoader(
+            test, batch_size=batch_size, collate_fn=collate))), "evaluation"), env.device)
+        size = int(batch["labels"].shape[0])
+        for result in results:
+            if result.model is not None:
+                timings[result.phase] = round(measure_inference_ms(result.model, batch,
+                                                                   autocast=autocast), 4)
+    timings = env.broadcast(timings)
+    for result in results:
+        result.inference_ms_per_batch = timings.get(result.phase)
+    return env.broadcast(size)

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .._atomic import atomic_write
+from .._version import __version__
 from .checkpoint import atomic_write_text
-from .config import to_toml
+from .config import DistillConfig, to_toml
 
-__all__ = ["write_metrics", "write_report", "write_config", "plot_curves", "format_table",
-           "PHASE_LABELS"]
+__all__ = ["write_metrics", "write_report", "write_config", "plot_curves", "build_report",
+           "write_outputs", "format_table", "PHASE_LABELS"]
 
 PHASE_LABELS = {"teacher": "teacher", "scratch": "student (scratch)",
                 "student": "student (distilled)"}
@@ -47,13 +49,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "") -> None:
-    """curves.png: test accuracy and test loss per epoch, one line per phase."""
-    import matplotlib
+    """curves.png: test accuracy and test loss per epoch, one line per phase.
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    Drawn on a Figure of its own with the Agg canvas: pyplot and the global backend are left
+    alone (a notebook keeps its backend), and the file is written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    acc_ax, loss_ax = fig.subplots(1, 2)
     for phase in PHASE_ORDER:
         rows = [r for r in records if r["phase"] == phase]
         if not rows:
@@ -71,11 +77,40 @@ def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def build_report(cfg: DistillConfig, *, task: str, num_classes: int, input_shape: Sequence[int],
+                 device: str, world_size: int, inference_batch_size: Optional[int],
+                 results: Sequence[Any], cache_summary: Optional[Mapping[str, Any]],
+                 config: Mapping[str, Any], out: Path) -> Dict[str, Any]:
+    """What report.json holds: the run's facts, then one entry per phase result."""
+    report: Dict[str, Any] = {
+        "kdplug_version": __version__, "task": task, "data": cfg.data, "num_classes": num_classes,
+        "input_shape": list(input_shape), "loss": cfg.loss, "temperature": cfg.temperature,
+        "alpha": cfg.alpha, "device": device, "world_size": world_size, "amp": cfg.amp,
+        "inference_batch_size": inference_batch_size,
+    }
+    by_phase = {r.phase: r for r in results}
+    for r in results:
+        report[r.phase] = r.to_dict()
+    scratch, student = by_phase.get("scratch"), by_phase["student"]
+    report["distillation_gain"] = (None if scratch is None
+                                   else student.accuracy - scratch.accuracy)
+    if cache_summary is not None:
+        report["teacher_cache"] = dict(cache_summary)
+    report["config"] = dict(config)
+    report["out"] = str(out)
+    return report
+
+
+def write_outputs(out: Path, report: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+                  title: str) -> None:
+    """report.json, metrics.jsonl and (with any epoch trained) curves.png."""
+    write_report(out / "report.json", report)
+    write_metrics(out / "metrics.jsonl", records)
+    if records:
+        plot_curves(out / "curves.png", records, title=title)
 
 
 def format_table(report: Mapping[str, Any]) -> str:

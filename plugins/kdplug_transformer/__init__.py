@@ -37,22 +37,22 @@ def _hf_factory(**options):
     return hf_model(**options)
 
 
+def _register_models(register, role: str) -> None:
+    for task, make in (("cls", make_classifier), ("lm", make_lm)):
+        preset = f"transformer-{task}-{role}"
+        register(preset, make(preset), description=_describe(preset),
+                 task="classification" if task == "cls" else "lm")
+    register("hf", _hf_factory, **_HF_INFO)
+
+
 @kdplug.hookimpl
 def register_teachers(register):
-    register("transformer-cls-teacher", make_classifier("transformer-cls-teacher"),
-             description=_describe("transformer-cls-teacher"), task="classification")
-    register("transformer-lm-teacher", make_lm("transformer-lm-teacher"),
-             description=_describe("transformer-lm-teacher"), task="lm")
-    register("hf", _hf_factory, **_HF_INFO)
+    _register_models(register, "teacher")
 
 
 @kdplug.hookimpl
 def register_students(register):
-    register("transformer-cls-student", make_classifier("transformer-cls-student"),
-             description=_describe("transformer-cls-student"), task="classification")
-    register("transformer-lm-student", make_lm("transformer-lm-student"),
-             description=_describe("transformer-lm-student"), task="lm")
-    register("hf", _hf_factory, **_HF_INFO)
+    _register_models(register, "student")
 
 
 @kdplug.hookimpl

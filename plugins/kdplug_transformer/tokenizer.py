@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Sequence
 
 import kdplug
 
+from .hf_folder import load_hf_tokenizer
+
 BYTE_SPEC = "byte"
 WORDS_SPEC = "words"
 WORDS_PREFIX = "words:"
@@ -99,8 +101,6 @@ class HFTokenizer:
     """A Hugging Face tokenizer from a local folder, with the same small interface as ByteTokenizer."""
 
     def __init__(self, path: str) -> None:
-        from .hf import load_hf_tokenizer  # transformers is an optional extra
-
         self.path = path
         self.spec = HF_PREFIX + path
         self.hf = load_hf_tokenizer(path)
