@@ -118,9 +118,13 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
     const V v = L::where_pos(q, q * (log_q - log_p));
     return {v, v, zero - q};
   } else if constexpr (DIV == kJSD) {
-    const V log_m = L::log(beta * p + (one - beta) * q);
-    const V a = L::where_pos(p, p * (log_p - log_m));  // p's part, KL(p ‖ m)
-    const V b = L::where_pos(q, q * (log_q - log_m));  // q's part, KL(q ‖ m)
+    // A mixture that underflows to 0 (p or q a denormal times β) drops the class: its terms
+    // weigh less than 1e-38, and log 0 would make them infinite.
+    const V m = beta * p + (one - beta) * q;
+    const V log_m = L::log(m);
+    const V pm = L::where_pos(m, p), qm = L::where_pos(m, q);
+    const V a = L::where_pos(pm, pm * (log_p - log_m));  // p's part, KL(p ‖ m)
+    const V b = L::where_pos(qm, qm * (log_q - log_m));  // q's part, KL(q ‖ m)
     return {beta * a + (one - beta) * b, (one - beta) * b, beta * a};
   } else if constexpr (DIV == kTVD) {
     const V d = p - q;
@@ -128,15 +132,17 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
     return {V(0.5f) * L::abs(d), zero - q * half_sign, p * half_sign};
   } else if constexpr (DIV == kSkewKL) {
     const V m = beta * p + (one - beta) * q;
-    const V v = L::where_pos(p, p * (log_p - L::log(m)));
-    const V w = L::where_pos(p, p / m);  // m >= β p > 0 wherever p > 0
-    return {v, zero - (one - beta) * q * w, v - beta * p * w};
+    const V pm = L::where_pos(m, p);  // as for jsd: an underflowed mixture drops the class
+    const V v = L::where_pos(pm, pm * (log_p - L::log(m)));
+    const V w = L::where_pos(pm, pm / m);
+    return {v, zero - (one - beta) * q * w, v - beta * pm * w};
   } else {
     static_assert(DIV == kSkewReverseKL, "unknown divergence");
     const V m = beta * q + (one - beta) * p;
-    const V v = L::where_pos(q, q * (log_q - L::log(m)));
-    const V w = L::where_pos(q, q / m);
-    return {v, v - beta * q * w, zero - (one - beta) * p * w};
+    const V qm = L::where_pos(m, q);
+    const V v = L::where_pos(qm, qm * (log_q - L::log(m)));
+    const V w = L::where_pos(qm, qm / m);
+    return {v, v - beta * qm * w, zero - (one - beta) * p * w};
   }
 }
 

@@ -96,12 +96,14 @@ def native_path(student, teacher, temperature, divergence, beta, labels, alpha, 
                 reduction, mask):
     classes = student.shape[-1]
     with_ce = labels is not None and alpha < 1
-    loss, _, _ = torch.ops.kdplug.kd_loss_fwd.default(
+    student_grad, teacher_grad = _wants_grad(student), _wants_grad(teacher)
+    loss = support.call_fused(
+        torch.ops.kdplug.kd_loss_fwd.default, reduction == "none", student_grad or teacher_grad,
         student.reshape(-1, classes).contiguous(), teacher.reshape(-1, classes).contiguous(),
         temperature, DIVERGENCES[divergence], beta,
         labels.reshape(-1).long().contiguous() if with_ce else None, alpha if with_ce else 1.0,
         ignore_index, None if mask is None else mask.reshape(-1).contiguous(),
-        REDUCTIONS[reduction], None, _wants_grad(student), _wants_grad(teacher))
+        REDUCTIONS[reduction], None, student_grad, teacher_grad)
     return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
 
 

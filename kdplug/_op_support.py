@@ -150,6 +150,39 @@ def scaled_grad(saved_grad: torch.Tensor, grad_loss: torch.Tensor, per_row: bool
     return (saved_grad * grad_loss).to(saved_grad.dtype)
 
 
+class _EagerFusedLoss(torch.autograd.Function):
+    """Eager autograd of the fused ops: the op runs once in forward, writing the gradients that
+    are wanted, and backward only scales them (as the op's registered autograd does, which
+    torch.compile and opcheck use). Calling the op from here runs it below autograd, which skips
+    torch.library's per-call bookkeeping (it re-reads the op's schema for every argument, about
+    0.1 ms for these 13-argument schemas)."""
+
+    @staticmethod
+    def forward(ctx, op, per_row, *inputs):
+        loss, *grads = op(*inputs)
+        ctx.per_row = per_row
+        ctx.inputs = len(inputs)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # an empty saved gradient is one the forward was told nobody wants
+        grads = [scaled_grad(g, grad_loss, ctx.per_row) if g.numel() else None
+                 for g in ctx.saved_tensors]
+        return (None, None, *grads, *([None] * (ctx.inputs - len(grads))))
+
+
+def call_fused(op, per_row: bool, wants_grad: bool, *inputs):
+    """The loss of `op(*inputs)` (loss first, then the gradients of the leading inputs, as the
+    kd_loss ops return them), with autograd when a gradient is wanted."""
+    if not wants_grad:
+        return op(*inputs)[0]
+    if torch.compiler.is_compiling():  # the op's registered autograd, which the tracer knows
+        return op(*inputs)[0]
+    return _EagerFusedLoss.apply(op, per_row, *inputs)
+
+
 # op name -> a function registering its fake kernel and autograd; run once, when the compiled op
 # is first found (registering them needs the op's schema, which only the extension provides).
 _python_parts: dict = {}
@@ -172,8 +205,14 @@ def native_available(op: str, device_type: str) -> bool:
     if op not in _python_parts_done:
         _python_parts[op]()
         _python_parts_done.add(op)
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"kdplug::{op}", "CUDA" if device_type == "cuda" else "CPU")
+    key = (op, device_type)
+    if key not in _has_kernel:  # asked at every call: the registrations do not change
+        _has_kernel[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"kdplug::{op}", "CUDA" if device_type == "cuda" else "CPU")
+    return _has_kernel[key]
+
+
+_has_kernel: dict = {}
 
 
 # torch.compile runs the choice once while tracing and keeps the answer as a constant, instead

@@ -142,14 +142,16 @@ def native_path(student, indices, logprobs, temperature, divergence, beta, label
                 ignore_index, reduction, mask, rest):
     classes, k = student.shape[-1], indices.shape[-1]
     with_ce = labels is not None and alpha < 1
-    loss, _ = torch.ops.kdplug.kd_loss_topk_fwd.default(
+    student_grad = student.requires_grad and torch.is_grad_enabled()
+    loss = support.call_fused(
+        torch.ops.kdplug.kd_loss_topk_fwd.default, reduction == "none", student_grad,
         student.reshape(-1, classes).contiguous(),
         indices.reshape(-1, k).to(torch.int64).contiguous(),
         logprobs.reshape(-1, k).to(torch.float32).contiguous(), temperature,
         DIVERGENCES[divergence], beta, labels.reshape(-1).long().contiguous() if with_ce else None,
         alpha if with_ce else 1.0, ignore_index,
         None if mask is None else mask.reshape(-1).contiguous(), REDUCTIONS[reduction],
-        rest == "bucket", None, student.requires_grad and torch.is_grad_enabled())
+        rest == "bucket", None, student_grad)
     return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
 
 

@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/version.h>
 
+#include <cmath>
+
 #include "kd_math.h"
 #include "kd_namespace.h"
 
@@ -23,6 +25,105 @@ namespace cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 
+// exp and log for the sweeps. With AVX-512 or AVX2 (the kernel files are compiled once per
+// capability), e^v = 2^n e^r with n = round(v log2 e), r = v - n ln 2 in two steps (Cody-Waite),
+// e^r a degree-5 minimax polynomial on [-ln2/2, ln2/2]: relative error < 2e-7 (ATen's exp_u20:
+// 4e-7), about twice its throughput (9-11 instructions instead of 17). NaN stays NaN, -inf and
+// anything below the float range give 0. log: x = m 2^e with m in [1/sqrt2, sqrt2),
+// log m = f - f^2/2 + f^3 P(f), f = m - 1, P of degree 6: relative error < 2e-7, several times
+// the throughput of ATen's Sleef log (what the mixture divergences spend most of their time in).
+namespace fastmath {
+constexpr float kLog2e = 1.4426950216293335f, kLn2Hi = 0.6931471824645996f,
+                kLn2Lo = -1.9046542121259336e-09f;
+constexpr float kExp[6] = {0.008296923711895943f, 0.04192033037543297f, 0.1666761189699173f,
+                           0.49998849630355835f, 0.9999997019767761f, 1.0000001192092896f};
+constexpr float kLog[7] = {0.08699174225330353f,  -0.1426648050546646f, 0.1491478681564331f,
+                           -0.1657770574092865f, 0.19963067770004272f, -0.2500133216381073f,
+                           0.3333390951156616f};
+}  // namespace fastmath
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec fast_exp(const Vec& v) {
+  using namespace fastmath;
+  // max(lo, v) and min(hi, .) return their second operand for NaN: NaN goes through.
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExp[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp[i]));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, with IEEE underflow to 0
+}
+
+inline Vec fast_log(const Vec& v) {
+  using namespace fastmath;
+  const __m512 x = v;
+  __m512 e = _mm512_getexp_ps(x);  // floor(log2 x); -inf for 0
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);  // [1, 2); NaN if x < 0
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kLog[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLog[i]));
+  const __m512 f2 = _mm512_mul_ps(f, f);
+  __m512 r = _mm512_fmadd_ps(f2, _mm512_set1_ps(-0.5f), f);
+  r = _mm512_fmadd_ps(_mm512_mul_ps(f2, f), p, r);
+  r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), r);
+  r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), r);
+  // log 0 = -inf, log inf = inf (negatives and NaN are NaN already)
+  r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ),
+                         _mm512_set1_ps(-INFINITY));
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), x);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec fast_exp(const Vec& v) {
+  using namespace fastmath;
+  const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN): below it the result is 0
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.37f), _mm256_max_ps(lo, v));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExp[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp[i]));
+  const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  const __m256 out = _mm256_mul_ps(p, pow2n);
+  return _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LT_OQ));
+}
+
+inline Vec fast_log(const Vec& v) {
+  using namespace fastmath;
+  const __m256 in = v;
+  // Denormals are scaled into the normal range first (2^23), zero and below handled at the end.
+  const __m256 tiny = _mm256_cmp_ps(in, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m256 x = _mm256_blendv_ps(in, _mm256_mul_ps(in, _mm256_set1_ps(8388608.f)), tiny);
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23),
+                                                 _mm256_set1_epi32(127)));
+  e = _mm256_sub_ps(e, _mm256_and_ps(tiny, _mm256_set1_ps(23.f)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.f)));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kLog[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kLog[i]));
+  const __m256 f2 = _mm256_mul_ps(f, f);
+  __m256 r = _mm256_fmadd_ps(f2, _mm256_set1_ps(-0.5f), f);
+  r = _mm256_fmadd_ps(_mm256_mul_ps(f2, f), p, r);
+  r = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), r);
+  r = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), r);
+  // log 0 = -inf, log of a negative or NaN = NaN, log inf = inf
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(-INFINITY),
+                       _mm256_cmp_ps(in, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(NAN), _mm256_cmp_ps(in, _mm256_setzero_ps(), _CMP_NGE_UQ));
+  return _mm256_blendv_ps(r, in, _mm256_cmp_ps(in, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+}
+#else
 inline Vec fast_exp(const Vec& v) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
   return v.exp_u20();  // polynomial, ~3x the throughput of the Sleef exp; NaN/inf handled by callers
@@ -30,6 +131,8 @@ inline Vec fast_exp(const Vec& v) {
   return v.exp();
 #endif
 }
+inline Vec fast_log(const Vec& v) { return v.log(); }
+#endif
 
 // Loads and stores of kVec elements, in float whatever the storage type.
 inline Vec load_vec(const float* p) { return Vec::loadu(p); }
@@ -88,7 +191,7 @@ struct KdLane<cpu::Vec> {
   static Vec where_pos(const Vec& c, const Vec& a) {
     return Vec::blendv(Vec(0.f), a, c > Vec(0.f));
   }
-  static Vec log(const Vec& v) { return v.log(); }
+  static Vec log(const Vec& v) { return cpu::fast_log(v); }
   static Vec abs(const Vec& v) { return v.abs(); }
   static Vec sign(const Vec& v) {
     const Vec one(1.f), zero(0.f);

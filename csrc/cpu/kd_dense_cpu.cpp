@@ -72,6 +72,10 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
   const Vec ref_s(max_s == -INFINITY ? 0.f : max_s);
   Vec sum_x(0.f), sum_y(0.f), cross(0.f), sum_s(0.f);
   for (int64_t i = 0; i < n; i += kVec) {
+    // The next stretch (rows are contiguous: the next row's start after a row's last stretch)
+    // comes in from memory while this one computes in L1.
+    __builtin_prefetch(s + n + i);
+    __builtin_prefetch(t + n + i);
     const int64_t m = std::min(kVec, n - i);
     const Vec sv = load_n(s + i, m, -INFINITY);
     const Vec x = sv * vinv;

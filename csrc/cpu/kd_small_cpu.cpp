@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -19,6 +20,72 @@ namespace {
 
 using Consts = KernelConsts<float>;
 constexpr int64_t R = kVec;  // rows per block
+
+// A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]. Rows whose
+// lane is off are never read: their lanes hold zeros. float rows go by masked gathers (one per
+// class), 16-bit rows element by element.
+template <typename T>
+void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    // (at::vec::mask_gather is not used: its AVX-512 version compares the all-ones mask, a NaN,
+    // for equality and so never loads anything.)
+    int32_t index[R], bits[R];
+    for (int64_t r = 0; r < R; ++r) {
+      index[r] = static_cast<int32_t>(r * cols);
+      bits[r] = on[r] ? -1 : 0;
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i vindex = _mm512_loadu_si512(index);
+    const __mmask16 mask = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(bits),
+                                                    _mm512_setzero_si512());
+    for (int64_t k = 0; k < cols; ++k) {
+      _mm512_storeu_ps(dst + k * R, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex,
+                                                             rows + k, 4));
+    }
+#else
+    const __m256i vindex = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
+    const __m256 mask = _mm256_castsi256_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
+    for (int64_t k = 0; k < cols; ++k) {
+      _mm256_storeu_ps(dst + k * R, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), rows + k,
+                                                             vindex, mask, 4));
+    }
+#endif
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < cols; ++k) {
+      dst[k * R + r] = on[r] ? static_cast<float>(rows[r * cols + k]) : 0.f;
+    }
+  }
+}
+
+// The inverse for the lanes that are on: class-major src back into the rows (AVX-512: one masked
+// scatter per class for float rows).
+template <typename T>
+void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    int32_t index[R];
+    __mmask16 mask = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      index[r] = static_cast<int32_t>(r * cols);
+      if (on[r]) mask |= static_cast<__mmask16>(1u << r);
+    }
+    const __m512i vindex = _mm512_loadu_si512(index);
+    for (int64_t k = 0; k < cols; ++k) {
+      _mm512_mask_i32scatter_ps(rows + k, mask, vindex, _mm512_loadu_ps(src + k * R), 4);
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    if (!on[r]) continue;
+    for (int64_t k = 0; k < cols; ++k) rows[r * cols + k] = static_cast<T>(src[k * R + r]);
+  }
+}
 
 // Σφ, Gq, Gp of a block's rows for a mixture divergence, keeping each class's terms.
 template <int DIV>
@@ -73,14 +140,10 @@ void small_blocks(const DenseProblem& p) {
       for (int64_t r = 0; r < R; ++r) {
         counted[r] = r < nr && (!p.mask || p.mask[r0 + r]);
         label[r] = counted[r] ? c.label_of(p, r0 + r) : -1;
-        // rows that do not count are never read: their lanes compute on zeros
-        const T* s = s_all + (r0 + r) * cols;
-        const T* t = t_all + (r0 + r) * cols;
-        for (int64_t k = 0; k < cols; ++k) {
-          bs[k * R + r] = counted[r] ? static_cast<float>(s[k]) : 0.f;
-          bt[k * R + r] = counted[r] ? static_cast<float>(t[k]) : 0.f;
-        }
       }
+      // rows that do not count are never read: their lanes compute on zeros
+      block_in(s_all + r0 * cols, cols, counted, bs);
+      block_in(t_all + r0 * cols, cols, counted, bt);
       Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
       for (int64_t k = 0; k < cols; ++k) {
         vmax_s = at::vec::maximum(vmax_s, Vec::loadu(bs + k * R));
@@ -104,7 +167,7 @@ void small_blocks(const DenseProblem& p) {
           esv.store(es + k * R);
         }
       }
-      const RowResultT<Vec> res{st.max_x, st.sum_x.log(), st.max_y, st.sum_y.log()};
+      const RowResultT<Vec> res{st.max_x, fast_log(st.sum_x), st.max_y, fast_log(st.sum_y)};
       const Vec fq = Vec(1.f) / st.sum_x, fp = Vec(1.f) / st.sum_y;
       RowTermsT<Vec> terms;
       if constexpr (mixture) {
@@ -116,7 +179,7 @@ void small_blocks(const DenseProblem& p) {
       }
       // The hard-label term's log-sum-exp at T = 1 and its value per lane.
       const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
-      const Vec ce_log_sum = c.ce_separate ? sum_s.log() : res.log_sum_x;
+      const Vec ce_log_sum = c.ce_separate ? fast_log(sum_s) : res.log_sum_x;
       const Vec fs = c.ce_separate ? Vec(1.f) / sum_s : fq;
       float s_label[R];
       for (int64_t r = 0; r < R; ++r) s_label[r] = label[r] < 0 ? 0.f : bs[label[r] * R + r];
@@ -134,24 +197,23 @@ void small_blocks(const DenseProblem& p) {
       res.max_y.store(lanes_finite[1]);
       res.log_sum_x.store(lanes_finite[2]);
       res.log_sum_y.store(lanes_finite[3]);
-      bool finite[R];
-      for (int64_t r = 0; r < nr; ++r) {
+      bool finite[R], good[R];
+      for (int64_t r = 0; r < R; ++r) {
         finite[r] = std::isfinite(lanes_finite[0][r]) && std::isfinite(lanes_finite[1][r]) &&
                     std::isfinite(lanes_finite[2][r]) && std::isfinite(lanes_finite[3][r]);
-        loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
+        good[r] = counted[r] && finite[r];
+        if (r < nr) loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
       }
       if (!gs_all && !gt_all) continue;
 
       // Gradients, class-major, then transposed back into each row.
       auto write_rows = [&](T* out_all) {
         for (int64_t r = 0; r < nr; ++r) {
+          if (good[r]) continue;
           T* out = out_all + (r0 + r) * cols;
-          if (!counted[r] || !finite[r]) {
-            std::fill(out, out + cols, static_cast<T>(counted[r] ? NAN : 0.f));
-            continue;
-          }
-          for (int64_t k = 0; k < cols; ++k) out[k] = static_cast<T>(gb[k * R + r]);
+          std::fill(out, out + cols, static_cast<T>(counted[r] ? NAN : 0.f));
         }
+        block_out(gb, cols, good, out_all + r0 * cols);
       };
       auto class_terms = [&](int64_t k, const Vec& p_k, const Vec& q_k) {
         if constexpr (mixture) {
