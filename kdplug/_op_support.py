@@ -215,9 +215,17 @@ def native_available(op: str, device_type: str) -> bool:
 _has_kernel: dict = {}
 
 
+def assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (2-4 s of
+    start-up for every command that imports the ops): that decorator only sets this flag, which
+    dynamo reads when it traces a call (tests/test_startup.py checks it still sets just this)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile runs the choice once while tracing and keeps the answer as a constant, instead
 # of tracing the extension loader (locks, imports, a possible JIT build).
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def choose_backend(api: str, op: str, backend: str, device_type: str, supported: bool) -> str:
     """"native" or "torch" for one call; `supported` is False for inputs the kernel lacks."""
     if backend == "torch" or _ext._env_flag(_ext.FORCE_TORCH_ENV):

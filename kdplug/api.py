@@ -5,18 +5,33 @@ The CLI is a thin layer over these functions; everything it shows comes from her
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from ._version import __version__
 from .commands import plugin_commands
-from .errors import KdplugError
+from .errors import KdplugError, UnknownNameError
 from .plugins import get_plugin_manager
 from .registry import Registration
 
 
 def get_registration(kind: str, name: str) -> Registration:
-    """The registration of ``name`` for ``kind`` ("teacher", "student", "loss" or "dataset")."""
-    return get_plugin_manager().registry.get(kind, name)
+    """The registration of ``name`` for ``kind`` ("teacher", "student", "loss" or "dataset").
+    An unknown name's error also names the installed plugins that were not loaded (disabled,
+    not allowed, or failed to import): the name may be theirs."""
+    pm = get_plugin_manager()
+    try:
+        return pm.registry.get(kind, name)
+    except UnknownNameError as exc:
+        why: Dict[str, List[str]] = {}  # reason -> plugins
+        for skipped in pm.skipped:
+            why.setdefault(skipped.reason, []).append(repr(skipped.name))
+        for failed in pm.failed:
+            why.setdefault(f"failed to load: {failed.error}", []).append(repr(failed.name))
+        if not why:
+            raise
+        left_out = "; ".join(f"{', '.join(names)} ({reason})" for reason, names in why.items())
+        raise UnknownNameError(f"{exc} Installed plugins that were not loaded (the name may be "
+                               f"theirs): {left_out}") from None
 
 
 def _entries(kind: str) -> Dict[str, Registration]:

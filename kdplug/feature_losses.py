@@ -44,13 +44,15 @@ from torch import nn
 
 from .api import create_loss
 from .errors import KdplugError
+from .feature_source import FeatureSource
 from .hookspecs import hookimpl
 from .outputs import as_model_output
 
 LayerMap = Union[str, Sequence[Tuple[int, int]], Dict[int, int]]
 
 __all__ = ["FeatureDistillLoss", "HiddenStateLoss", "AttentionKLLoss", "parse_layer_map",
-           "resolve_layer_map", "register_losses"]
+           "resolve_layer_map", "create_base_loss", "hold_base_loss", "check_logits_match",
+           "register_losses"]
 
 
 # ----------------------------------------------------------------------------- layer maps
@@ -125,16 +127,6 @@ def uniform_attention_map(n_student: int, n_teacher: int) -> List[Tuple[int, int
     return [(i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
 
 
-def _features(out: Any, attribute: str, side: str) -> Tuple[torch.Tensor, ...]:
-    value = getattr(as_model_output(out), attribute)
-    if not value:
-        flag = "output_hidden_states" if attribute == "hidden_states" else "output_attentions"
-        raise KdplugError(
-            f"the {side} returned no {attribute}; this loss needs models that return them when "
-            f"called with {flag}=True (as ModelOutput.{attribute})")
-    return tuple(value)
-
-
 def _token_mask(batch: Any, shape: Tuple[int, int], device, *outs: Any) -> Optional[torch.Tensor]:
     """The bool [B, L] mask of real tokens for features of ``shape``: the batch's attention_mask,
     or one a model re-tokenized with (``ModelOutput.extras["attention_mask"]``); None if no mask
@@ -159,10 +151,14 @@ class HiddenStateLoss(nn.Module):
 
     projection: "auto" (as above), "linear" (a Linear over the feature axis for every rank: the
     same map as the 1×1 conv) or "none" (widths must match).
+    source: where the features come from (default: the models' hidden_states; a FeatureSource
+    with module paths takes them with forward hooks instead).
     """
 
-    def __init__(self, layer_map: LayerMap = "uniform", projection: str = "auto") -> None:
+    def __init__(self, layer_map: LayerMap = "uniform", projection: str = "auto",
+                 source: Optional[FeatureSource] = None) -> None:
         super().__init__()
+        self.feature_source = source or FeatureSource("hidden_states")
         if projection not in ("auto", "linear", "none"):
             raise KdplugError(f"projection must be 'auto', 'linear' or 'none', "
                                      f"got {projection!r}")
@@ -221,8 +217,8 @@ class HiddenStateLoss(nn.Module):
         return proj(feat)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:
-        s_hidden = _features(student_out, "hidden_states", "student")
-        t_hidden = _features(teacher_out, "hidden_states", "teacher")
+        s_hidden = self.feature_source.get(student_out, "student")
+        t_hidden = self.feature_source.get(teacher_out, "teacher")
         if self.pairs is None or any(self._key(s, t) not in self.projections
                                      for s, t in self.pairs):
             created = self.build(s_hidden, t_hidden)
@@ -299,10 +295,14 @@ class AttentionKLLoss(nn.Module):
 
     layers: "last" (MiniLM: last to last, the default), "uniform" (student layer i to teacher
     layer (i+1)·T/S − 1) or explicit pairs "s:t,...".
+    source: the models' attentions by default, or a FeatureSource with module paths whose
+    captured tensors are attention probabilities (e.g. the input of an attention dropout).
     """
 
-    def __init__(self, layers: LayerMap = "last", heads: str = "auto", eps: float = 1e-12) -> None:
+    def __init__(self, layers: LayerMap = "last", heads: str = "auto", eps: float = 1e-12,
+                 source: Optional[FeatureSource] = None) -> None:
         super().__init__()
+        self.feature_source = source or FeatureSource("attentions")
         if heads not in ("auto", "mean"):
             raise KdplugError(f"heads must be 'auto' or 'mean', got {heads!r}")
         self.layers = parse_layer_map(layers)
@@ -315,8 +315,8 @@ class AttentionKLLoss(nn.Module):
         return resolve_layer_map(self.layers, n_student, n_teacher, "attention maps")
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:
-        s_att = _features(student_out, "attentions", "student")
-        t_att = _features(teacher_out, "attentions", "teacher")
+        s_att = self.feature_source.get(student_out, "student")
+        t_att = self.feature_source.get(teacher_out, "teacher")
         pairs = self.pairs_for(len(s_att), len(t_att))
         total = None
         for s, t in pairs:
@@ -352,6 +352,28 @@ class AttentionKLLoss(nn.Module):
 
 # ----------------------------------------------------------------------------- the composite
 
+def create_base_loss(base: Optional[str], temperature: float, alpha: float,
+                     options: Dict[str, Any]) -> Any:
+    """The logit loss a composite adds its terms to: ``create_loss(base, ...)`` with the
+    same temperature/alpha and the options the composite does not know; None for base "none"."""
+    if base in (None, "", "none"):
+        if options:
+            raise KdplugError(f"unknown loss option(s) {', '.join(sorted(options))} "
+                                     "(no base loss to hand them to)")
+        return None
+    return create_loss(base, temperature=temperature, alpha=alpha, **options)
+
+
+def hold_base_loss(owner: nn.Module, base_loss: Any) -> None:
+    """Keep the base loss as a submodule (its parameters and state train and save with the
+    owner) or, for a plain callable, as an attribute; ``owner.base_loss`` reads either."""
+    if isinstance(base_loss, nn.Module):
+        owner.base = base_loss
+    else:
+        owner.base = None
+        owner._base_fn = base_loss
+
+
 class FeatureDistillLoss(nn.Module):
     """``base`` logit loss + hidden_weight × HiddenStateLoss + attention_weight × AttentionKLLoss.
 
@@ -364,6 +386,11 @@ class FeatureDistillLoss(nn.Module):
         ("auto" | "linear" | "none").
       attention_weight, attention_layers ("last" | "uniform" | "s:t,..."), attention_heads
         ("auto" | "mean").
+      student_layers, teacher_layers: module paths (``"layer2,layer3"``, ``"features.6"``,
+        ``"input:fc"``) whose outputs forward hooks capture for the one active feature term,
+        instead of the models' hidden_states/attentions; the i-th student path pairs with the
+        i-th teacher path unless a layer map says otherwise. The models are attached with
+        ``kdplug.feature_source.attach_models`` (``kdplug.distill`` does it).
 
     After each call ``last_terms`` holds every term's value (a detached tensor), for logging.
     """
@@ -371,40 +398,43 @@ class FeatureDistillLoss(nn.Module):
     def __init__(self, base: Optional[str] = "kd+ce", *, temperature: float = 4.0,
                  alpha: float = 0.9, hidden_weight: float = 0.0, attention_weight: float = 0.0,
                  layer_map: LayerMap = "uniform", projection: str = "auto",
-                 attention_layers: LayerMap = "last", attention_heads: str = "auto",
+                 attention_layers: Optional[LayerMap] = None, attention_heads: str = "auto",
+                 student_layers: Any = None, teacher_layers: Any = None,
                  **base_options: Any) -> None:
         super().__init__()
         hidden_weight, attention_weight = float(hidden_weight), float(attention_weight)
         for name, w in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
             if not w >= 0:
                 raise KdplugError(f"{name} must be >= 0, got {w}")
-        if base in (None, "", "none"):
-            if base_options:
-                raise KdplugError(f"unknown loss option(s) "
-                                         f"{', '.join(sorted(base_options))} (no base loss)")
-            base_loss = None
-        else:
-            base_loss = create_loss(base, temperature=temperature, alpha=alpha,
-                                           **base_options)
+        base_loss = create_base_loss(base, temperature, alpha, base_options)
         if base_loss is None and hidden_weight == 0 and attention_weight == 0:
             raise KdplugError("this loss has no term: give a base loss, hidden_weight > 0 "
                                      "or attention_weight > 0")
         self.base_name = None if base_loss is None else base
-        if isinstance(base_loss, nn.Module):
-            self.base = base_loss
-        else:
-            self.base = None
-            self._base_fn = base_loss
+        hold_base_loss(self, base_loss)
         self.hidden_weight = hidden_weight
         self.attention_weight = attention_weight
-        self.hidden = HiddenStateLoss(layer_map, projection) if hidden_weight > 0 else None
-        self.attention = (AttentionKLLoss(attention_layers, attention_heads)
-                          if attention_weight > 0 else None)
+        by_path = student_layers is not None or teacher_layers is not None
+        if by_path and hidden_weight > 0 and attention_weight > 0:
+            raise KdplugError(
+                "student_layers/teacher_layers feed one feature term, but both hidden_weight and "
+                "attention_weight are > 0; use module paths with one of them")
+        self.hidden = self.attention = None
+        if hidden_weight > 0:
+            self.hidden = HiddenStateLoss(layer_map, projection, FeatureSource(
+                "hidden_states", student_layers, teacher_layers))
+        if attention_weight > 0:
+            if attention_layers is None:  # MiniLM's last-to-last; paths given pair one to one
+                attention_layers = "uniform" if by_path else "last"
+            self.attention = AttentionKLLoss(attention_layers, attention_heads, source=FeatureSource(
+                "attentions", student_layers, teacher_layers))
+        if by_path and self.hidden is None and self.attention is None:
+            raise KdplugError("student_layers/teacher_layers need a feature term: "
+                                     "hidden_weight > 0 or attention_weight > 0")
         requires = set(getattr(base_loss, "requires", ()) or ())
-        if self.hidden is not None:
-            requires.add("hidden_states")
-        if self.attention is not None:
-            requires.add("attentions")
+        for term in (self.hidden, self.attention):
+            if term is not None:
+                requires |= term.feature_source.requires
         self.requires = frozenset(requires)
         self.uses_teacher = True
         self.last_terms: Dict[str, torch.Tensor] = {}
@@ -424,11 +454,13 @@ class FeatureDistillLoss(nn.Module):
         if self.base_loss is not None:
             check_logits_match(student_out, teacher_out)
         if self.hidden is not None:
-            self.hidden.build(_features(student_out, "hidden_states", "student"),
-                              _features(teacher_out, "hidden_states", "teacher"))
+            source = self.hidden.feature_source
+            self.hidden.build(source.get(student_out, "student"),
+                              source.get(teacher_out, "teacher"))
         if self.attention is not None:
-            s_att = _features(student_out, "attentions", "student")
-            t_att = _features(teacher_out, "attentions", "teacher")
+            source = self.attention.feature_source
+            s_att = source.get(student_out, "student")
+            t_att = source.get(teacher_out, "teacher")
             self.attention.pairs_for(len(s_att), len(t_att))
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Any) -> torch.Tensor:

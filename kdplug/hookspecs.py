@@ -61,7 +61,11 @@ def register_losses(register):
     ``"labels"`` and, for padded tokens, ``"attention_mask"``. The engine passes its
     ``temperature=`` and ``alpha=`` when the factory accepts them. A loss that is an
     ``nn.Module`` with parameters (e.g. a learned projection) is trained with the student and saved
-    in its checkpoints. ``kdplug.create_loss(name, **options)`` calls it.
+    in its checkpoints. A loss with a ``set_epoch(epoch)`` method is told the 0-based epoch at the
+    start of every training epoch (and before the dry run: 0), e.g. for DKD's warm-up. A loss
+    holding ``kdplug.feature_source.FeatureSource`` objects with module paths gets forward hooks on
+    the run's student and teacher for its features, removed when the run ends.
+    ``kdplug.create_loss(name, **options)`` calls it.
     """
 
 

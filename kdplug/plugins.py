@@ -9,7 +9,6 @@ entry points of the group ``kdplug``. Two environment variables choose among the
 """
 from __future__ import annotations
 
-import difflib
 import os
 import threading
 import warnings
@@ -20,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 import pluggy
 
 from . import hookspecs
-from .errors import KdplugError, PluginError, PluginLoadWarning, UnknownHookError
+from .errors import KdplugError, PluginError, PluginLoadWarning, UnknownHookError, closest
 from .registry import Registry, build_registry
 
 ENTRY_POINT_GROUP = "kdplug"
@@ -170,8 +169,8 @@ class PluginManager(pluggy.PluginManager):
         known = self.hook_names()
         parts = []
         for hook in unknown:
-            close = difflib.get_close_matches(hook, known, n=1)
-            parts.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            match = closest(hook, known)
+            parts.append(f"{hook!r}" + (f" (did you mean {match!r}?)" if match else ""))
         return (f"{where} implements unknown hook {', '.join(parts)}. kdplug's hooks are: "
                 f"{', '.join(known)}. Fix the name, or skip the plugin with {DISABLE_ENV}={name}")
 

@@ -1,12 +1,13 @@
 """What the plugins registered: per kind, name -> factory, each remembering the plugin that gave it."""
 from __future__ import annotations
 
-import difflib
+import functools
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .errors import (DuplicateNameError, InvalidFactoryError, KdplugError, PluginError,
-                     UnknownNameError)
+                     UnknownNameError, UnknownOptionError, did_you_mean)
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,36 @@ class Registration:
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def create(self, **options: Any) -> Any:
-        """Call the factory with ``options`` and check it built what the contract promises."""
+        """Call the factory with ``options`` and check it built what the contract promises; an
+        option the factory does not take is an UnknownOptionError naming the closest one."""
+        self.check_options(options)
         product = self.factory(**options)
         _check_product(self, product)
         return product
+
+    @property
+    def options(self) -> Optional[List[str]]:
+        """The keyword options the factory takes, from its signature; None when it takes any
+        (``**options``) or its signature cannot be read."""
+        try:
+            params = inspect.signature(self.factory).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)]
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        accepted = self.options
+        unknown = [key for key in options if accepted is not None and key not in accepted]
+        if unknown:
+            hint = did_you_mean(unknown[0], accepted) if len(unknown) == 1 else ""
+            raise UnknownOptionError(
+                f"the {self.kind} {self.name!r} (from plugin {self.origin()}) has no option"
+                f"{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                f"{hint or '.'} Its options: "
+                f"{', '.join(accepted) or 'none'}")
 
     @property
     def description(self) -> Optional[str]:
@@ -152,6 +179,7 @@ class Registry:
 def _bind_argument(provider: Registration, option: str, argument: str) -> Callable[..., Any]:
     """provider.factory with ``option=argument``; giving the option again is an error."""
 
+    @functools.wraps(provider.factory)  # its signature too: the options are checked by it
     def factory(**options: Any) -> Any:
         if option in options:
             raise KdplugError(
@@ -159,8 +187,6 @@ def _bind_argument(provider: Registration, option: str, argument: str) -> Callab
                 f"do not also pass the option {option}={options[option]!r}")
         return provider.factory(**{option: argument}, **options)
 
-    factory.__name__ = getattr(provider.factory, "__name__", "factory")
-    factory.__doc__ = provider.factory.__doc__
     return factory
 
 
@@ -177,8 +203,7 @@ def _unknown_name_message(kind: Kind, name: str, known: List[str]) -> str:
     if not known:
         return (f"unknown {kind.name} {name!r}: no {kind.plural} are registered "
                 "(is the plugin that provides it installed? `kdplug plugins` lists what loaded)")
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
+    hint = did_you_mean(name, known) or "."
     return (f"unknown {kind.name} {name!r}{hint} Known {kind.plural}: "
             f"{', '.join(map(repr, known))}")
 

@@ -1,8 +1,9 @@
 """A teacher cache written and read under `torchrun --nproc_per_node=2` (gloo on CPU).
 
 Each process writes the chunks it owns (chunk u by process u mod 2); the cache is byte for byte
-the one a single process writes (same chunks, same batches), and a two-process distillation from
-it matches a one-process distillation from it.
+the one a single process writes at the same thread count (same chunks, same batches, every
+process at OMP_NUM_THREADS=1 here), and a two-process distillation from it matches a one-process
+distillation from it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def test_torchrun_writes_its_shards_and_reads_them(tmp_path, site):
     single = json.loads((tmp_path / "one" / "manifest.json").read_text())
     sharded = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert sharded["writer"]["world_size"] == 2
+    assert single["writer"]["threads"] == sharded["writer"]["threads"] == 1  # the condition
     assert [c["rank"] for c in sharded["chunks"]] == [0, 1, 0, 1]  # chunk u by rank u mod 2
     assert len(single["chunks"]) == len(sharded["chunks"]) == 4
     for a, b in zip(single["chunks"], sharded["chunks"]):

@@ -116,7 +116,7 @@ def test_missing_cifar10_says_where_it_looked_and_how_to_get_it(tmp_path):
 def test_failed_download_is_one_clear_message(tmp_path, monkeypatch):
     from kdplug_cifar import data
 
-    def offline(root):
+    def offline(root, *spec):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(data, "_download", offline)
@@ -140,3 +140,20 @@ def test_digits_ships_with_sklearn_and_fits_the_models():
     assert big.train[0][0].shape == (3, 16, 16)
     with pytest.raises(kdplug.KdplugError, match="image_size"):
         kdplug.create_dataset("digits", image_size=0)
+
+
+def test_digits_split_is_stratified_and_seeded():
+    labels = {seed: kdplug.create_dataset("digits", split_seed=seed) for seed in (0, 1)}
+    train, test = labels[0].train.tensors[1], labels[0].test.tensors[1]
+    counts, held = torch.bincount(torch.cat([train, test])), torch.bincount(test)
+    assert int(held.sum()) == 450 and torch.all((held - counts * 0.25).abs() < 1)  # per class
+    assert torch.equal(kdplug.create_dataset("digits").train.tensors[0], labels[0].train.tensors[0])
+    assert not torch.equal(labels[1].test.tensors[0], labels[0].test.tensors[0])
+    assert len(set(train[:20].tolist())) > 5  # the training order mixes classes (train_size)
+
+
+def test_digits_augment_reads_true_and_false_as_the_switch_it_looks_like():
+    on = kdplug.create_dataset("digits", augment=True, train_size=10)
+    assert on.train.shift == 1 and on.info["augment"] == 1
+    off = kdplug.create_dataset("digits", augment=False, train_size=10)
+    assert off.info["augment"] == 0 and not hasattr(off.train, "shift")

@@ -209,6 +209,16 @@ def test_cache_teacher_options_are_checked_by_name():
     with pytest.raises(CacheError, match=r"dtype must be one of float32, float16, bfloat16, "
                                          r"got 'int8'"):
         cache_teacher("t", "d", "out", dtype="int8")
+    with pytest.raises(CacheError, match=r"^top_k must be an int >= 1, got 0; to cache dense "
+                                         r"logits \(every class\), leave --top-k out$"):
+        cache_teacher("t", "d", "out", top_k=0)
+
+
+def test_a_flag_with_a_bad_value_is_named_as_a_flag():
+    """Without a config file there is no 'config key' to speak of."""
+    result = CliRunner().invoke(cli, ["distill", "--epochs", "-1"])
+    assert result.exit_code == 1
+    assert result.output == "Error: epochs (--epochs) must be an int >= 1, got -1\n"
 
 
 def test_storage_dtypes_are_the_format_s():

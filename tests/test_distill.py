@@ -15,6 +15,7 @@ from kdplug.cli import cli
 from kdplug.data import DataSplits
 from kdplug.engine import NonFiniteLossError, distill
 from kdplug.engine.checkpoint import load_checkpoint
+from kdplug.errors import UnknownOptionError
 
 PHASE_KEYS = {"name", "params", "accuracy", "inference_ms_per_batch"}
 FILES = ("report.json", "metrics.jsonl", "curves.png", "config.json", "config.toml",
@@ -174,12 +175,17 @@ def bad_toml(tmp_path, text):
      r"\[2, 7\].*needs \[2, 4\] \(4 classes\)"),
     (dict(student_options={"image_size": 16}),
      r"the student 'cnn-student' does not fit data 'generated'.*expects inputs \[B, 1, 16, 16\]"),
-    (dict(student_options={"widht": 3}), r"student 'cnn-student'.*refused the options"),
+    (dict(student_options={"widht": 3}), r"the student 'cnn-student' \(from plugin 'cifar'.*\) has "
+                                         r"no option 'widht'\. Its options: in_channels, "
+                                         r"image_size, num_classes, dropout$"),
+    (dict(teacher_options={"num_clases": 10}), r"no option 'num_clases'; did you mean "
+                                               r"'num_classes'\?"),
     (dict(epoch=3), r"unknown config key 'epoch'.*did you mean 'epochs'\?"),
-    (dict(batch_size=0), r"config key 'batch_size': expected an int >= 1, got 0"),
+    (dict(batch_size=0), r"^batch_size \(--batch-size\) must be an int >= 1, got 0$"),
+    (dict(epochs=-1), r"^epochs \(--epochs\) must be an int >= 1, got -1$"),
     (dict(batch_size=1000), r"fewer than one batch"),
-    (dict(amp="fp8"), r"config key 'amp': expected one of none, bf16, fp16"),
-    (dict(optimizer="lion"), r"config key 'optimizer'"),
+    (dict(amp="fp8"), r"amp \(--amp\) must be one of none, bf16, fp16, got 'fp8'"),
+    (dict(optimizer="lion"), r"optimizer \(--optimizer\) must be one of"),
 ])
 def test_bad_input_stops_before_training(tmp_path, options, message):
     with pytest.raises(kdplug.KdplugError, match=message):
@@ -191,6 +197,20 @@ def test_bad_config_files_are_named(tmp_path):
     with pytest.raises(kdplug.KdplugError, match=r"unknown config key 'temprature' in .*bad.toml; "
                                                  r"did you mean 'temperature'\?"):
         distill(config=path)
+    path = bad_toml(tmp_path, 'temprature = 3\nepoch = 2\nalfa = 0.5\n')  # every typo at once
+    with pytest.raises(kdplug.KdplugError, match=r"unknown config keys in .*bad.toml: 'temprature' "
+                                                 r"\(did you mean 'temperature'\?\), 'epoch' "
+                                                 r"\(did you mean 'epochs'\?\), 'alfa' \(did you "
+                                                 r"mean 'alpha'\?\)\. Known keys: teacher, "):
+        distill(config=path)
+    path = bad_toml(tmp_path, 'teacher = "cnn-teacher"\nstudent = "cnn-student"\n'
+                              'data = "digits"\n[data_options]\ntrain_sise = 300\n')
+    with pytest.raises(UnknownOptionError, match=r"the dataset 'digits' \(from plugin "
+                                                        r"'cifar'.*\) has no option 'train_sise'; "
+                                                        r"did you mean 'train_size'\? Its options: "
+                                                        r"image_size, channels, test_fraction, "
+                                                        r"split_seed, train_size, augment$"):
+        distill(config=path, out=str(tmp_path / "run"), callbacks=[NoTraining()])
     path = bad_toml(tmp_path, "epochs = \n")
     with pytest.raises(kdplug.KdplugError, match=r"bad.toml' is not valid TOML"):
         distill(config=path)
@@ -210,6 +230,17 @@ def test_cli_bad_input_is_an_error_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["distill", "--data-option", "oops"])
     assert result.exit_code == 1 and "--data-option expects key=value, got 'oops'" in result.output
+
+
+def test_a_teacher_checkpoint_that_is_no_checkpoint_is_named(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("it is not a checkpoint\n")
+    with pytest.raises(kdplug.KdplugError, match=r"cannot read checkpoint '.*notes.txt': it is not "
+                                                 r"a file torch.save wrote \(a kdplug checkpoint "
+                                                 r"or a state_dict of tensors\), or it is damaged"):
+        distill(**TINY, teacher_checkpoint=str(notes), out=str(tmp_path / "run"),
+                callbacks=[NoTraining()])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mismatched_teacher_checkpoint_is_named(tmp_path):
@@ -245,10 +276,14 @@ def test_non_finite_loss_stops_naming_phase_epoch_and_step(tmp_path):
 
 
 def test_demo_plumbing_with_one_epoch(tmp_path):
-    """`kdplug demo`'s code path (digits, baseline, table); the real demo trains 40 epochs."""
-    from kdplug.engine.demo import DEMO_CONFIG, run_demo
+    """`kdplug demo`'s code path: the showcase recipe (digits, 200 labels, mixup, baseline,
+    table); the real demo trains 400 epochs."""
+    from kdplug.engine.demo import demo_summary, run_demo
 
     result = run_demo(out=str(tmp_path), quiet=True, epochs=1, teacher_epochs=1)
-    assert result.config.temperature == DEMO_CONFIG["temperature"] and result.scratch is not None
+    cfg = result.config
+    assert (cfg.loss, cfg.temperature, cfg.alpha, cfg.kd_augment) == ("kd", 1.0, 1.0, "mixup")
+    assert cfg.data_options == {"train_size": 200, "augment": 1} and result.scratch is not None
     assert result.report["data"] == "digits" and result.report["student"]["epochs"] == 1
     assert "student (scratch)" in result.table()
+    assert "200 labelled" in demo_summary()

@@ -6,7 +6,8 @@ import torch
 
 import kdplug
 from kdplug.errors import (DuplicateNameError, InvalidFactoryError, KdplugError, PluginError,
-                           UnknownNameError)
+                           UnknownNameError, UnknownOptionError)
+from kdplug.plugins import DISABLE_ENV, LOAD_ENV
 from kdplug.registry import Registration, Registry
 
 
@@ -58,9 +59,42 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest():
             kdplug.create_teacher("mlp-larg")
     finally:
         kdplug.unregister_plugin("models")
-    assert str(error.value) == ("unknown teacher 'mlp-larg'; did you mean 'mlp-large'? "
-                                "Known teachers: 'cnn-large', 'mlp-large'")
+    assert str(error.value).startswith("unknown teacher 'mlp-larg'; did you mean 'mlp-large'? "
+                                       "Known teachers: 'cnn-large', 'mlp-large' Installed "
+                                       "plugins that were not loaded (the name may be theirs): ")
+    assert str(error.value).endswith(" (not listed in KDPLUG_LOAD_PLUGINS)")  # all left out here
     assert isinstance(error.value, (KdplugError, LookupError, ValueError))
+
+
+def test_an_unknown_name_says_a_disabled_plugin_may_have_it(monkeypatch):
+    monkeypatch.delenv(LOAD_ENV)
+    monkeypatch.setenv(DISABLE_ENV, "cifar")
+    with pytest.raises(UnknownNameError, match=r"^unknown teacher 'cnn-teacher'. Known teachers: "
+                                               r".* Installed plugins that were not loaded \(the "
+                                               r"name may be theirs\): 'cifar' \(disabled by "
+                                               r"KDPLUG_DISABLE_PLUGINS\)$"):
+        kdplug.create_teacher("cnn-teacher")
+
+
+def test_a_misspelt_factory_option_names_the_closest_and_lists_them():
+    kdplug.register_plugin(teacher_plugin(
+        "net", factory=lambda *, width=4, depth=2: torch.nn.Linear(width, depth)), name="nets")
+    try:
+        with pytest.raises(UnknownOptionError, match=r"^the teacher 'net' \(from plugin 'nets'\) "
+                                                     r"has no option 'widht'; did you mean "
+                                                     r"'width'\? Its options: width, depth$") as err:
+            kdplug.create_teacher("net", widht=8)
+        assert isinstance(err.value, KdplugError) and isinstance(err.value, TypeError)
+        with pytest.raises(UnknownOptionError, match=r"has no options 'a', 'b'\. Its options"):
+            kdplug.create_teacher("net", a=1, b=2)
+        assert kdplug.create_teacher("net", width=8).in_features == 8
+    finally:
+        kdplug.unregister_plugin("nets")
+    kdplug.register_plugin(teacher_plugin("any"), name="open")  # factory(**options): any option
+    try:
+        assert isinstance(kdplug.create_teacher("any", whatever=1), torch.nn.Linear)
+    finally:
+        kdplug.unregister_plugin("open")
 
 
 def test_unknown_name_when_nothing_of_that_kind_is_registered():

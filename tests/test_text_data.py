@@ -89,6 +89,78 @@ def test_text_data_errors_name_the_path(tmp_path):
         kdplug.create_dataset("text")
 
 
+@pytest.mark.parametrize("suffix, text, line, what", [
+    (".csv", 'text,label\n"a, b",x\nc\n', 3, "no 'label'"),  # a row cut short
+    (".csv", "text,label\na,x\nb,\n", 3, "an empty 'label'"),
+    (".csv", 'text,label\na,x\n"multi\nline",y\nc,  \n', 5, "an empty 'label'"),
+    (".tsv", "text\tlabel\na\tx\nb\n", 3, "no 'label'"),
+    (".jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', 2, "no 'label'"),
+    (".jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b", "label": ""}\n', 3,
+     "an empty 'label'"),
+])
+def test_a_row_without_a_label_is_refused_with_its_line(tmp_path, suffix, text, line, what):
+    """A missing or empty label would become a class of its own ('None', '')."""
+    path = tmp_path / f"data{suffix}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(kdplug.KdplugError, match=rf"data\{suffix}' line {line}: {what} value; "
+                                                 r"every example needs a text and a label"):
+        kdplug.create_dataset(f"text-classification:{path}")
+
+
+def test_table_and_file_mistakes_say_what_to_do(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\na, b,x\n", encoding="utf-8")
+    with pytest.raises(kdplug.KdplugError, match=r"line 2: 3 fields, but the header names 2; quote "
+                                                 r"a text that holds the delimiter \(','\)"):
+        kdplug.create_dataset(f"text-classification:{path}")
+    path.write_text("body,category\nhello,a\n", encoding="utf-8")
+    with pytest.raises(kdplug.KdplugError, match=r"no column 'text', 'label'; its header is "
+                                                 r"\['body', 'category'\] \(name the fields with "
+                                                 r"--data-option text_field=NAME label_field=NAME\)"):
+        kdplug.create_dataset(f"text-classification:{path}")
+    path.write_text("body,category\nhello,a\nbye,b\n", encoding="utf-8")
+    assert kdplug.create_dataset(f"text-classification:{path}", text_field="body",
+                                 label_field="category", test_fraction=0.5).num_classes == 2
+    for empty in ("", "\n \n"):
+        path.write_text(empty, encoding="utf-8")
+        with pytest.raises(kdplug.KdplugError, match=r"data.csv' is empty; expected a header"):
+            kdplug.create_dataset(f"text-classification:{path}")
+    path.write_text("\ufefftext,label\na,x\nb,y\n", encoding="utf-8")  # a spreadsheet's BOM
+    assert kdplug.create_dataset(f"text-classification:{path}").num_classes == 2
+
+
+def test_text_that_is_not_utf8_is_refused_with_file_line_and_fix(tmp_path):
+    """One policy for every text provider: no byte is replaced silently."""
+    latin = "text,label\ngood,pos\ncafé crème,neg\n".encode("latin-1")
+    table = tmp_path / "data.csv"
+    table.write_bytes(latin)
+    fix = r"Convert the file .*or name its encoding with --data-option encoding=NAME"
+    with pytest.raises(kdplug.KdplugError, match=rf"data.csv' line 3: the bytes b'\\xe9' are "
+                                                 rf"not valid utf-8 .*{fix}"):
+        kdplug.create_dataset(f"text-classification:{table}")
+    data = kdplug.create_dataset(f"text-classification:{table}", encoding="latin-1",
+                                 test_fraction=0.5)
+    assert data.info["labels"] == ["neg", "pos"]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first document " * 8, encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"second\n\nstra\xdfe " * 8)
+    with pytest.raises(kdplug.KdplugError, match=rf"b.txt' line 3: .*not valid utf-8.*{fix}"):
+        kdplug.create_dataset(f"text:{folder}")
+    assert kdplug.create_dataset(f"text:{folder}", encoding="latin-1", seq_len=16).info[
+        "train_documents"] == 1
+    with pytest.raises(kdplug.KdplugError, match="unknown text encoding 'utf-9'"):
+        kdplug.create_dataset(f"text:{folder}", encoding="utf-9")
+
+
+def test_too_few_documents_says_what_a_document_is(tmp_path):
+    (tmp_path / "only.txt").write_text("one document " * 10, encoding="utf-8")
+    with pytest.raises(kdplug.KdplugError, match=r"need at least 2 documents \(with text:FOLDER "
+                                                 r"each file is one; with text:FILE each "
+                                                 r"paragraph.*got 1"):
+        kdplug.create_dataset(f"text:{tmp_path}")
+
+
 def test_language_modelling_from_a_text_file(tmp_path):
     paragraphs = [f"Paragraph {i}: " + "the quick brown fox jumps. " * (i + 1) for i in range(10)]
     path = tmp_path / "corpus.txt"

@@ -2,11 +2,11 @@
 takes them as keywords and ``kdplug cache-teacher``'s options are made from them."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 from ..engine.config import AMP_MODES
+from ..errors import did_you_mean
 from ..settings import declared_problem, setting, settings_of
 from .errors import CacheError
 
@@ -69,9 +69,8 @@ class CacheConfig:
         names = [item.name for item in settings_of(cls)]
         for key in options:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise CacheError(f"unknown cache_teacher option {key!r}{hint} Known options: "
+                raise CacheError(f"unknown cache_teacher option {key!r}"
+                                 f"{did_you_mean(key, names)} Known options: "
                                  f"{', '.join(names)}")
         return cls(**options).validate()
 
@@ -90,8 +89,8 @@ class CacheConfig:
             if value is not None and value < low:
                 raise CacheError(f"{name} must be an int >= {low}, got {value!r}")
         if self.top_k is not None and self.top_k < 1:
-            raise CacheError(f"top_k must be an int >= 1 (or none for dense logits), got "
-                             f"{self.top_k!r}")
+            raise CacheError(f"top_k must be an int >= 1, got {self.top_k!r}; to cache dense "
+                             "logits (every class), leave --top-k out")
         if self.resume and self.overwrite:
             raise CacheError("resume and overwrite exclude each other: resume continues the "
                              "cache, overwrite rebuilds it")

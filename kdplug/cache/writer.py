@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .._version import __version__
+from .._writable import check_writable, creating_folder
 from ..data import DataSplits
 from ..engine.batching import ShardSampler, call_model, check_batch, collate, probe_batch, to_device
 from ..engine.components import Source, build_data, build_teacher
@@ -174,6 +175,7 @@ class _Writer:
     def __init__(self, cfg: CacheConfig, env: DistEnv, callbacks: List[Any]) -> None:
         self.cfg, self.env, self.callbacks = cfg, env, callbacks
         self.out = Path(cfg.out)
+        env.on_main(lambda: check_writable(self.out), error=CacheError)  # before any work
         self.quiet = cfg.quiet or not env.is_main
         self.autocast = autocast_factory(cfg.amp, env.device)
         data = Source.of("data", cfg.data)
@@ -198,18 +200,7 @@ class _Writer:
     def run(self) -> CacheResult:
         started = time.perf_counter()
         env = self.env
-        problem = None
-        if env.is_main:
-            try:
-                self._prepare_folder(self.plan)
-            except KdplugError as exc:
-                problem = exc
-        message = env.broadcast(None if problem is None else (type(problem).__name__,
-                                                              str(problem)))
-        if problem is not None:
-            raise problem
-        if message is not None:
-            raise CacheError(message[1])
+        env.on_main(lambda: self._prepare_folder(self.plan), error=CacheError)
         written, skipped, error = 0, 0, None
         try:
             written, skipped = self._write_units()
@@ -297,6 +288,8 @@ class _Writer:
                 "transform": canonical(transform), "storage": storage,
                 "writer": {"batch_size": cfg.batch_size, "device": str(self.env.device),
                            "world_size": self.env.world_size,
+                           # CPU sums depend on it: equal bytes need equal thread counts
+                           "threads": torch.get_num_threads(),
                            "partition": "chunk u (view-major) is written by process u mod "
                                         "world_size",
                            "started": datetime.datetime.now().isoformat(timespec="seconds")}}
@@ -346,10 +339,11 @@ class _Writer:
         elif out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CacheError(f"{str(out)!r} exists and is not an empty folder nor a teacher cache; "
                              "choose a new or empty folder for --out")
-        chunks.mkdir(parents=True, exist_ok=True)
-        for stale in chunks.glob(".*.tmp-*"):  # a killed run's half-written files
-            stale.unlink()
-        atomic_write_json(plan, plan_path)
+        with creating_folder(out):  # the plan first: a failed start leaves no empty folder
+            atomic_write_json(plan, plan_path)
+            chunks.mkdir(exist_ok=True)
+            for stale in chunks.glob(".*.tmp-*"):  # a killed run's half-written files
+                stale.unlink()
 
     # ------------------------------------------------------------------ writing
     def _write_units(self) -> Tuple[int, int]:

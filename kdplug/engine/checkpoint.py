@@ -17,8 +17,8 @@ import torch
 from .._atomic import atomic_write
 from ..errors import KdplugError
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "load_model_weights",
-           "FORMAT"]
+__all__ = ["atomic_save", "load_checkpoint", "checkpoint_identity", "rng_state", "set_rng_state",
+           "load_model_weights", "FORMAT"]
 
 FORMAT = "kdplug-checkpoint-v1"
 
@@ -33,20 +33,33 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """A checkpoint file as a dict (on the CPU); a clear error if it cannot be read."""
+def load_checkpoint(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """A checkpoint file as a dict (on the CPU); a clear error if it cannot be read. ``mmap``
+    maps the tensors instead of reading them (for a look at the plain values)."""
     path = Path(path)
     if not path.is_file():
         raise KdplugError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise KdplugError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # e.g. KeyError: 105 for a text file: say what was expected
+        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise KdplugError(f"cannot read checkpoint {str(path)!r}: it is not a file torch.save "
+                          "wrote (a kdplug checkpoint or a state_dict of tensors), or it is "
+                          f"damaged (torch.load: {type(exc).__name__}: {detail})") from None
     if not isinstance(obj, dict):
         raise KdplugError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}; expected a "
                           "kdplug checkpoint or a state_dict")
     return obj
+
+
+def checkpoint_identity(path: Path) -> Dict[str, Any]:
+    """The settings the run that wrote a kdplug checkpoint was started with (its tensors are
+    memory-mapped, not read: this is cheap for a large model)."""
+    identity = load_checkpoint(path, mmap=True).get("identity")
+    if not isinstance(identity, dict):
+        raise KdplugError(f"{str(path)!r} is not a checkpoint of a kdplug run (it records no "
+                          "settings); --resume continues only a run kdplug wrote")
+    return identity
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> Dict[str, Any]:

@@ -13,7 +13,6 @@ place (:func:`build_teacher`) by both.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional
@@ -24,6 +23,7 @@ from torch import nn
 from ..api import get_registration
 from ..data import DataSplits
 from ..errors import KdplugError
+from ..feature_source import attach_models
 from ..registry import Registration
 from .batching import collate as default_collate
 from .batching import mix_seed, requirements
@@ -94,21 +94,13 @@ def display_name(obj: Any) -> str:
     return getattr(obj, "__name__", None) or type(obj).__name__
 
 
-def factory_options(factory: Callable, given: Mapping[str, Any], user: Mapping[str, Any]
-                    ) -> Dict[str, Any]:
-    """``given`` (from the data or the engine) filtered to what ``factory`` accepts, under
-    ``user`` (always passed: a misspelt user option is an error)."""
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return {**given, **user}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        accepted = dict(given)
-    else:
-        names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)}
-        accepted = {k: v for k, v in given.items() if k in names}
-    return {**accepted, **user}
+def factory_options(registration: Registration, given: Mapping[str, Any],
+                    user: Mapping[str, Any]) -> Dict[str, Any]:
+    """``given`` (from the data or the engine) filtered to what the registered factory accepts,
+    under ``user`` (always passed: a misspelt user option is an error)."""
+    accepted = registration.options
+    passed = dict(given) if accepted is None else {k: v for k, v in given.items() if k in accepted}
+    return {**passed, **user}
 
 
 # ----------------------------------------------------------------------------- single parts
@@ -137,7 +129,7 @@ def model_options(source: Source, splits: DataSplits, user: Mapping[str, Any]
     user's); None for a ready module."""
     if not source.by_name:
         return None
-    return factory_options(source.registration.factory, splits.model_options, user)
+    return factory_options(source.registration, splits.model_options, user)
 
 
 @dataclass
@@ -185,7 +177,7 @@ def build_loss(source: Source, options: Mapping[str, Any], temperature: float,
         source.no_options_for_objects(options)
         return source.obj
     engine = {"temperature": temperature, "alpha": alpha}
-    return source.create(factory_options(source.registration.factory, engine, options))
+    return source.create(factory_options(source.registration, engine, options))
 
 
 # ----------------------------------------------------------------------------- a run's parts
@@ -219,6 +211,8 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     for module in (teacher and teacher.model, student.model, scratch, loss):
         if isinstance(module, nn.Module):
             module.to(env.device)
+    if teacher is not None:  # features by module path: hooks on both models (removed at run end)
+        attach_models(loss, student=student.model, teacher=teacher.model)
     teacher_options = (model_options(teacher_source, splits, cfg.teacher_options)
                        if teacher_source is not None else None)
     return Components(splits=splits, collate=splits.collate_fn or default_collate,

@@ -16,17 +16,17 @@ An unknown key or a value of the wrong type is a :class:`kdplug.KdplugError` tha
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import tomli_w
 
-from ..errors import KdplugError
+from ..errors import KdplugError, closest, did_you_mean
 from ..hyperparameters import check_alpha, check_temperature
+from ..kd_augment import KD_AUGMENTS, check_kd_augment
 from ..settings import declared_problem, setting, settings_of
 
 if sys.version_info >= (3, 11):
@@ -39,7 +39,7 @@ __all__ = ["DistillConfig", "ConfigError", "load_config_file", "resolve_config",
            "to_toml"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = ("cosine", "linear", "constant", "step")
 AMP_MODES = ("none", "bf16", "fp16")
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
@@ -95,7 +95,11 @@ class DistillConfig:
     weight_decay: float = setting(0.01, help="Weight decay.")
     momentum: float = setting(0.9, help="SGD momentum.")
     scheduler: str = setting("cosine", choices=SCHEDULERS,
-                             help="LR schedule per step, after the warm-up.")
+                             help="LR schedule per step, after the warm-up (step: times "
+                                  "--lr-decay at each of --lr-milestones).")
+    lr_milestones: str = setting("", help="Epochs after which the step schedule multiplies the "
+                                          "LR by --lr-decay, comma-separated (e.g. 150,180,210).")
+    lr_decay: float = setting(0.1, help="The step schedule's LR factor at each milestone.")
     warmup_steps: int = setting(0, help="Linear LR warm-up steps.")
     grad_clip: Optional[float] = setting(None, default_text="none", help="Max gradient norm.")
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
@@ -104,6 +108,10 @@ class DistillConfig:
     num_workers: int = setting(0, help="DataLoader worker processes.")
     threads: Optional[int] = setting(None, default_text="torch's choice",
                                      help="torch CPU threads for the run.")
+    kd_augment: str = setting("none", choices=KD_AUGMENTS,
+                              help="Transfer-set augmentation of the distillation phase: mixup "
+                                   "gives teacher and student the same mixed inputs.")
+    kd_mixup_alpha: float = setting(1.0, help="mixup's lambda ~ Beta(a, a), folded to >= 1/2.")
     checkpoint_every: int = setting(0, help="Also checkpoint every N steps (0: at each epoch's "
                                             "end only).")
     quiet: bool = setting(False, help="No per-epoch lines or progress bars.")
@@ -134,6 +142,11 @@ class DistillConfig:
     def resolved_teacher_lr(self) -> float:
         return self.lr if self.teacher_lr is None else self.teacher_lr
 
+    @property
+    def milestones(self) -> Tuple[int, ...]:
+        """lr_milestones as sorted epochs."""
+        return _milestones(self.lr_milestones)
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -150,8 +163,12 @@ class DistillConfig:
             return f" (in {sources[key]})" if key in sources else ""
 
         def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
-                               f"got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if key in sources:
+                return ConfigError(f"config key {key!r}{at(key)}: expected {expected}, "
+                                   f"got {value!r}")
+            flag = "--" + key.replace("_", "-")  # given as a keyword or on the command line
+            return ConfigError(f"{key} ({flag}) must be {expected}, got {value!r}")
 
         problem = declared_problem(self)  # what the declarations say: types and choices
         if problem:
@@ -178,10 +195,36 @@ class DistillConfig:
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "auto, cpu, cuda or cuda:N")
+        try:
+            milestones = _milestones(self.lr_milestones)
+        except ValueError:
+            raise bad("lr_milestones", "epochs as comma-separated ints >= 1, e.g. 150,180,210"
+                      ) from None
+        if self.scheduler == "step" and not milestones:
+            raise ConfigError(f"scheduler 'step'{at('scheduler')} needs lr_milestones, the epochs "
+                              "after which the LR is multiplied by lr_decay (e.g. 150,180,210)")
+        if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise bad("lr_decay", "a number in (0, 1]")
+        try:
+            check_kd_augment(self.kd_augment, self.kd_mixup_alpha)
+        except KdplugError as exc:
+            raise ConfigError(f"{exc}{at('kd_augment')}") from None
+        if self.kd_augment != "none" and self.teacher_cache:
+            raise ConfigError(f"kd_augment {self.kd_augment!r} needs the teacher's outputs on the "
+                              "augmented inputs, and a teacher cache holds them for the data as it "
+                              "is: drop kd_augment or teacher_cache")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run "
                               "in out, overwrite starts it over")
         return self
+
+
+def _milestones(text: str) -> Tuple[int, ...]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    values = tuple(sorted(int(p) for p in parts))
+    if any(v < 1 for v in values):
+        raise ValueError(text)
+    return values
 
 
 def _not_int(value: Any) -> bool:
@@ -198,12 +241,15 @@ def _normalize_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+def _unknown_keys(keys: Sequence[str], source: str) -> ConfigError:
     where = f" in {source}" if source else ""
-    return ConfigError(f"unknown config key {key!r}{where}{hint} Known keys: "
-                       f"{', '.join(FIELD_NAMES)}")
+    if len(keys) == 1:
+        named = f" {keys[0]!r}{where}{did_you_mean(keys[0], FIELD_NAMES)}"
+    else:
+        named = f"s{where}: " + ", ".join(
+            f"{key!r}" + (f" (did you mean {match!r}?)" if match else "")
+            for key, match in ((key, closest(key, FIELD_NAMES)) for key in keys)) + "."
+    return ConfigError(f"unknown config key{named} Known keys: {', '.join(FIELD_NAMES)}")
 
 
 def load_config_file(path: Any) -> Dict[str, Any]:
@@ -222,11 +268,12 @@ def load_config_file(path: Any) -> Dict[str, Any]:
 
 def check_keys(raw: Mapping[str, Any], source: str = "") -> Dict[str, Any]:
     """Normalized keys of a mapping of config values; unknown keys raise, naming the key."""
+    unknown = [str(key) for key in raw if _normalize_key(str(key)) not in FIELD_NAMES]
+    if unknown:  # all of them at once: a file with several typos needs one round, not several
+        raise _unknown_keys(unknown, source)
     values: Dict[str, Any] = {}
     for key, value in raw.items():
         name = _normalize_key(str(key))
-        if name not in FIELD_NAMES:
-            raise _unknown_key(str(key), source)
         if name in OPTION_TABLES and isinstance(value, Mapping):
             value = {_normalize_key(str(k)): v for k, v in value.items()}
         values[name] = value

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Callable, List, Type
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,21 @@ class DistEnv:
         out: List[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def on_main(self, action: Callable[[], Any], error: Type[KdplugError] = KdplugError) -> None:
+        """``action()`` on rank 0 alone (writing a run's first files); a KdplugError it raises
+        is raised on every process (as ``error`` elsewhere), so none waits for a failed one."""
+        problem = None
+        if self.is_main:
+            try:
+                action()
+            except KdplugError as exc:
+                problem = exc
+        message = self.broadcast(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise error(message)
 
     def any_true(self, flag: bool) -> bool:
         """True on every process if ``flag`` is true on any (e.g. to fail together)."""

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..cache.targets import cached_teacher_output
 from ..errors import KdplugError
+from ..kd_augment import augment_batch
 from ..outputs import ModelOutput
-from .batching import EpochSampler, batches, call_model, requirements
+from .batching import EpochSampler, batches, call_model, mix_seed, requirements
 from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_everything,
                          set_rng_state)
 from .config import DistillConfig
@@ -30,7 +31,7 @@ from .distributed import DistEnv
 from .evaluate import evaluate
 
 __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
-           "autocast_factory"]
+           "autocast_factory", "announce_epoch"]
 
 
 class NonFiniteLossError(KdplugError):
@@ -71,9 +72,12 @@ def make_optimizer(cfg: DistillConfig, params: Sequence[nn.Parameter], lr: float
     return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier per step: linear warm-up, then cosine / linear decay to 0, or constant."""
+def make_schedule(cfg: DistillConfig, total_steps: int,
+                  steps_per_epoch: int = 1) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up, then cosine / linear decay to 0, constant, or step
+    (× lr_decay from each of the lr_milestones epochs on, as the CIFAR recipes decay)."""
     warmup, kind = cfg.warmup_steps, cfg.scheduler
+    milestones = cfg.milestones
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -83,9 +87,20 @@ def make_schedule(cfg: DistillConfig, total_steps: int) -> Callable[[int], float
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if kind == "linear":
             return 1.0 - progress
+        if kind == "step":
+            epoch = step // max(1, steps_per_epoch)
+            return cfg.lr_decay ** sum(epoch >= m for m in milestones)
         return 1.0
 
     return factor
+
+
+def announce_epoch(loss: Any, epoch: int) -> None:
+    """The engine's epoch hook: a loss with ``set_epoch(epoch)`` (DKD's warm-up) learns the
+    0-based epoch that begins, in every phase and on resume."""
+    set_epoch = getattr(loss, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
 
 
 class _StepModule(nn.Module):
@@ -107,8 +122,11 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss: Callable, *, cfg: DistillConfig, env: DistEnv,
                  lr: float, total_steps: int, teacher: Optional[nn.Module] = None,
-                 phase: str = "student", cached_teacher: bool = False) -> None:
+                 phase: str = "student", cached_teacher: bool = False,
+                 steps_per_epoch: int = 1) -> None:
         self.cfg, self.env, self.phase = cfg, env, phase
+        # the transfer-set augmentation belongs to the distillation phase only
+        self.kd_augment = cfg.kd_augment if phase == "student" else "none"
         self.requires = requirements(loss)
         self.model = model.to(env.device)
         if isinstance(loss, nn.Module):
@@ -133,7 +151,8 @@ class Trainer:
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params, lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           make_schedule(cfg, total_steps))
+                                                           make_schedule(cfg, total_steps,
+                                                                         steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.autocast = autocast_factory(cfg.amp, env.device)
         self._loss_total = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
@@ -141,9 +160,12 @@ class Trainer:
     def _reduce_device(self) -> torch.device:
         return self.env.device if self.env.device.type == "cuda" else torch.device("cpu")
 
-    def train_step(self, batch: Dict[str, Any], where: str = "") -> float:
+    def train_step(self, batch: Dict[str, Any], where: str = "", step_seed: int = 0) -> float:
         """One optimizer step on ``batch`` (already on the device); returns the loss, averaged
-        over processes. A non-finite loss raises before anything is applied."""
+        over processes. A non-finite loss raises before anything is applied. ``step_seed`` draws
+        the step's transfer-set augmentation (the same inputs reach teacher and student)."""
+        batch = augment_batch(batch, self.kd_augment, seed=step_seed,
+                              mixup_alpha=self.cfg.kd_mixup_alpha)
         teacher_out = None
         if self.teacher is not None:
             with torch.no_grad(), self.autocast():
@@ -291,6 +313,7 @@ class PhaseRun:
                 sampler.set_epoch(epoch, skip)
                 if hasattr(self.train_dataset, "set_epoch"):  # SeededDataset, cache views
                     self.train_dataset.set_epoch(epoch)
+                announce_epoch(trainer.loss, epoch)
                 trainer.model.train()
                 if trainer.teacher is not None:
                     trainer.teacher.eval()
@@ -303,7 +326,8 @@ class PhaseRun:
                 for batch in batches(self.train_loader, self.env.device, f"{self.phase} training"):
                     where = f"epoch {epoch + 1}, step {step + 1}"
                     try:
-                        value = trainer.train_step(batch, where)
+                        value = trainer.train_step(batch, where, mix_seed(self.seed, epoch, step,
+                                                                          self.env.rank))
                     except NonFiniteLossError as exc:
                         raise NonFiniteLossError(str(exc), self.phase, epoch + 1,
                                                  step + 1) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from ..cache.reader import TeacherCache
 from ..data import DataSplits
 from .batching import mix_seed
 from .checkpoint import load_checkpoint
-from .config import ConfigError, DistillConfig
+from .config import DistillConfig
 from .distributed import DistEnv
 from .evaluate import evaluate
 from .loaders import Loaders
@@ -55,8 +55,7 @@ class Phases:
         path = self.folder.checkpoint(phase)
         resume = None
         if cfg.resume and path.is_file():
-            ckpt = load_checkpoint(path)
-            self._check_identity(ckpt, path)
+            ckpt = load_checkpoint(path)  # its settings were checked by RunFolder.prepare
             if ckpt.get("done"):
                 model.load_state_dict(ckpt["model"])
                 history = list(ckpt["history"])
@@ -71,7 +70,8 @@ class Phases:
             teacher = None
         trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr,
                           total_steps=epochs * self.loaders.sampler.batches_per_epoch,
-                          teacher=teacher, phase=phase, cached_teacher=cached)
+                          teacher=teacher, phase=phase, cached_teacher=cached,
+                          steps_per_epoch=self.loaders.sampler.batches_per_epoch)
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train,
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
@@ -97,14 +97,6 @@ class Phases:
                            params=info["params"], accuracy=info["accuracy"], loss=info["loss"],
                            metrics=info["metrics"], inference_ms_per_batch=None, epochs=0,
                            source=info["source"], train_time_s=0.0, model=None)
-
-    def _check_identity(self, ckpt: Mapping[str, Any], path: Path) -> None:
-        saved, now = ckpt.get("identity", {}), self.cfg.identity()
-        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differ:
-            shown = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differ)
-            raise ConfigError(f"--resume: {path} was written with other settings ({shown}). "
-                              "Resume with the same settings, or --overwrite to start over")
 
     def _result(self, phase: str, model: nn.Module, history: List[Dict[str, Any]], source: str,
                 epochs: int, path: Optional[Path]) -> PhaseResult:

@@ -25,6 +25,7 @@ import torch
 
 from ..cache.integration import DryRunTeacher, open_for_run
 from ..cache.reader import TeacherCache
+from ..feature_source import detach_models
 from ..losses import CrossEntropyLoss
 from . import preflight
 from . import report as reporting
@@ -34,7 +35,7 @@ from .config import ConfigError, DistillConfig, resolve_config
 from .distributed import DistEnv, setup
 from .evaluate import time_inference
 from .loaders import build_loaders
-from .loop import autocast_factory
+from .loop import announce_epoch, autocast_factory
 from .phases import SEED_STUDENT_PHASE, SEED_TEACHER_PHASE, Phases
 from .results import DistillResult, PhaseResult
 from .run_folder import RunFolder
@@ -97,14 +98,23 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     splits = build_data(sources["data"], cfg.data_options, env)
     preflight.check_data(splits, cfg, env)
     parts = build_components(cfg, sources, splits, env)
+    try:
+        return _run_parts(cfg, env, callbacks, log, quiet, folder, parts)
+    finally:
+        detach_models(parts.loss)  # the hooks of features by module path come off
+
+
+def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Callable[[str], None],
+               quiet: bool, folder: RunFolder, parts: Components) -> DistillResult:
     cache = None
     if cfg.teacher_cache:
         cache = _open_cache(cfg, env, parts)
         parts.teacher = None  # built only to hash its weights: free its memory
     teacher = parts.teacher.model if parts.teacher is not None else None
+    announce_epoch(parts.loss, 0)  # a loss that follows the epoch sees the first one in the dry run
     preflight.dry_run(teacher if cache is None else DryRunTeacher(cache), parts.student.model,
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
-    folder.write_config(cfg)
+    folder.open(cfg)  # every check has passed: the first write to out
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
                     callbacks=callbacks, log=log, cache=cache,

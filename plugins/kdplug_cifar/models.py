@@ -22,7 +22,7 @@ from torch import nn
 import kdplug
 from kdplug.outputs import ModelOutput
 
-__all__ = ["CNN", "cnn_teacher", "cnn_student"]
+__all__ = ["CNN", "TinyCNN", "cnn_teacher", "cnn_student", "cnn_tiny_student"]
 
 
 def _size(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -98,3 +98,44 @@ def cnn_student(*, in_channels: int = 3, image_size: Union[int, Sequence[int]] =
     """The student: 16 and 32 channels, 256 hidden units (8.4M parameters on 3×32×32)."""
     return CNN((16, 32), 256, in_channels=in_channels, image_size=image_size,
                num_classes=num_classes, dropout=dropout)
+
+
+class TinyCNN(nn.Module):
+    """conv(in→c1)+BN+ReLU, conv(c1→c2)+BN+ReLU, global average pool, fc(c2→classes).
+
+    No wide fully connected layer: a few thousand parameters whatever the image size, and a
+    forward costs a few hundred thousand multiply-adds on 8×8 digits. The showcase's student.
+    """
+
+    def __init__(self, channels: Tuple[int, int] = (16, 32), *, in_channels: int = 3,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.in_channels = _positive("in_channels", in_channels)
+        self.num_classes = _positive("num_classes", num_classes)
+        self.conv1 = nn.Conv2d(self.in_channels, c1, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c2, self.num_classes)
+
+    def forward(self, x: torch.Tensor, *, output_hidden_states: bool = False,
+                output_attentions: bool = False, **unused) -> Union[torch.Tensor, ModelOutput]:
+        if output_attentions:
+            raise kdplug.KdplugError("TinyCNN is a CNN: it has no attention maps "
+                                     "(output_attentions=True); use a loss that needs none")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise kdplug.KdplugError(f"TinyCNN expects inputs [B, {self.in_channels}, H, W] "
+                                     f"(in_channels), got {list(x.shape)}")
+        h1 = F.relu(self.bn1(self.conv1(x)))
+        h2 = F.relu(self.bn2(self.conv2(h1)))
+        logits = self.fc(torch.flatten(self.pool(h2), 1))
+        if output_hidden_states:
+            return ModelOutput(logits=logits, hidden_states=(h1, h2))
+        return logits
+
+
+def cnn_tiny_student(*, in_channels: int = 3, num_classes: int = 10) -> TinyCNN:
+    """conv 16, 32, global average pool, fc: 5,226 parameters for 1 channel and 10 classes."""
+    return TinyCNN((16, 32), in_channels=in_channels, num_classes=num_classes)

@@ -11,9 +11,11 @@ model built for the data ``vocab_size``, ``max_len``, ``num_classes``, ``task`` 
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import importlib.util
+import io
 import json
 import random
 from pathlib import Path
@@ -84,11 +86,12 @@ def _existing_path(path: Union[str, Path, None], what: str) -> Path:
     return p
 
 
-def _split(items: list, test_fraction: float, seed: int) -> Tuple[list, list]:
+def _split(items: list, test_fraction: float, seed: int,
+           what: str = "examples") -> Tuple[list, list]:
     if not 0 < test_fraction < 1:
         raise kdplug.KdplugError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     if len(items) < 2:
-        raise kdplug.KdplugError(f"need at least 2 examples to split into train and test, "
+        raise kdplug.KdplugError(f"need at least 2 {what} to split into train and test, "
                                  f"got {len(items)}")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -96,6 +99,31 @@ def _split(items: list, test_fraction: float, seed: int) -> Tuple[list, list]:
     test = [items[i] for i in order[:n_test]]
     train = [items[i] for i in order[n_test:]]
     return train, test
+
+
+def _codec(encoding: str) -> str:
+    """The codec to read with: UTF-8 also drops a byte-order mark (spreadsheets write one)."""
+    try:
+        name = codecs.lookup(str(encoding)).name
+    except LookupError:
+        raise kdplug.KdplugError(f"unknown text encoding {encoding!r}; expected a Python codec "
+                                 "name such as utf-8, latin-1 or cp1252") from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents. Every text provider reads this way: bytes that are not valid in
+    ``encoding`` are an error naming the file, the line and the fix, never replaced silently."""
+    data = path.read_bytes()
+    try:
+        return data.decode(_codec(encoding))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start:exc.end]
+        raise kdplug.KdplugError(
+            f"{str(path)!r} line {line}: the bytes {bad!r} are not valid {encoding} "
+            f"({exc.reason}). Convert the file (e.g. `iconv -f cp1252 -t utf-8 IN > OUT`), or "
+            f"name its encoding with --data-option encoding=NAME (e.g. cp1252, latin-1)") from None
 
 
 def _limit(items: list, limit: Optional[int], seed: int) -> list:
@@ -109,43 +137,82 @@ def _limit(items: list, limit: Optional[int], seed: int) -> list:
 # ----------------------------------------------------------------------------- classification
 
 def read_labelled_file(path: Union[str, Path], text_field: str = "text",
-                       label_field: str = "label") -> List[Tuple[str, str]]:
-    """(text, label) pairs from a .csv, .tsv or .jsonl/.json file (one JSON object per line)."""
+                       label_field: str = "label",
+                       encoding: str = "utf-8") -> List[Tuple[str, str]]:
+    """(text, label) pairs from a .csv, .tsv or .jsonl/.json file (one JSON object per line).
+    A row without a label, or with an empty one, is an error naming its line."""
     p = _existing_path(path, "text classification data")
     if p.is_dir():
         raise kdplug.KdplugError(f"text classification data: {str(p)!r} is a folder; expected "
                                  f"a .csv, .tsv or .jsonl file with {text_field!r} and "
                                  f"{label_field!r} fields")
     suffix = p.suffix.lower()
-    rows: List[Dict[str, Any]] = []
-    if suffix in (".csv", ".tsv"):
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            fields = reader.fieldnames or []
-            missing = [k for k in (text_field, label_field) if k not in fields]
-            if missing:
-                raise kdplug.KdplugError(f"{str(p)!r}: no column {', '.join(map(repr, missing))}"
-                                         f"; its header is {fields}")
-            rows = list(reader)
-    elif suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise kdplug.KdplugError(f"{str(p)!r} line {lineno}: not JSON ({exc})") from None
-                if not isinstance(row, dict) or text_field not in row or label_field not in row:
-                    raise kdplug.KdplugError(f"{str(p)!r} line {lineno}: expected an object with "
-                                             f"{text_field!r} and {label_field!r}")
-                rows.append(row)
-    else:
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".ndjson"):
         raise kdplug.KdplugError(f"{str(p)!r}: unknown format {suffix!r}; expected .csv, .tsv "
                                  f"or .jsonl")
-    if not rows:
+    text = read_text(p, encoding)
+    if not text.strip():
+        raise kdplug.KdplugError(f"{str(p)!r} is empty; expected a header line with "
+                                 f"{text_field!r} and {label_field!r}, then one example a line")
+    read = _read_table if suffix in (".csv", ".tsv") else _read_json_lines
+    pairs = read(p, text, text_field, label_field)
+    if not pairs:
         raise kdplug.KdplugError(f"{str(p)!r} holds no examples")
-    return [(str(r[text_field]), str(r[label_field])) for r in rows]
+    return pairs
+
+
+_FIELD_HINT = "name the fields with --data-option text_field=NAME label_field=NAME"
+
+
+def _pair(p: Path, lineno: int, text: Any, label: Any, text_field: str,
+          label_field: str) -> Tuple[str, str]:
+    """One example; a missing text or a missing or blank label is refused (it would otherwise
+    become a class of its own, 'None' or '')."""
+    for field, value in ((text_field, text), (label_field, label)):
+        if value is None or (field == label_field and not str(value).strip()):
+            what = "no" if value is None else "an empty"
+            raise kdplug.KdplugError(f"{str(p)!r} line {lineno}: {what} {field!r} value; every "
+                                     f"example needs a text and a label")
+    return str(text), str(label)
+
+
+def _read_table(p: Path, text: str, text_field: str, label_field: str) -> List[Tuple[str, str]]:
+    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = reader.fieldnames or []
+    missing = [k for k in (text_field, label_field) if k not in fields]
+    if missing:
+        raise kdplug.KdplugError(f"{str(p)!r}: no column {', '.join(map(repr, missing))}; its "
+                                 f"header is {fields} ({_FIELD_HINT})")
+    pairs = []
+    for row in reader:
+        extra = row.get(None)  # more cells than the header has names
+        if extra:
+            raise kdplug.KdplugError(
+                f"{str(p)!r} line {reader.line_num}: {len(fields) + len(extra)} fields, but the "
+                f"header names {len(fields)}; quote a text that holds the delimiter "
+                f"({delimiter!r}), e.g. \"a, b\"")
+        pairs.append(_pair(p, reader.line_num, row.get(text_field), row.get(label_field),
+                           text_field, label_field))
+    return pairs
+
+
+def _read_json_lines(p: Path, text: str, text_field: str,
+                     label_field: str) -> List[Tuple[str, str]]:
+    pairs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise kdplug.KdplugError(f"{str(p)!r} line {lineno}: not JSON ({exc})") from None
+        if not isinstance(row, dict) or text_field not in row or label_field not in row:
+            raise kdplug.KdplugError(f"{str(p)!r} line {lineno}: expected an object with "
+                                     f"{text_field!r} and {label_field!r} ({_FIELD_HINT})")
+        pairs.append(_pair(p, lineno, row[text_field], row[label_field], text_field,
+                           label_field))
+    return pairs
 
 
 def _label_ids(labels: Sequence[str]) -> Tuple[Dict[str, int], List[str]]:
@@ -198,15 +265,19 @@ def text_classification(path: Optional[str] = None, *, test_path: Optional[str] 
                         text_field: str = "text", label_field: str = "label",
                         tokenizer: str = BYTE_SPEC, max_len: int = 256,
                         test_fraction: float = 0.2, seed: int = 0, limit: Optional[int] = None,
-                        max_vocab: int = 8000, min_count: int = 2) -> DataSplits:
+                        max_vocab: int = 8000, min_count: int = 2,
+                        encoding: str = "utf-8") -> DataSplits:
     """Text classification from a local .csv/.tsv/.jsonl file with ``text`` and ``label`` fields.
 
     ``test_path`` gives a separate test file; otherwise ``test_fraction`` of ``path`` is held out.
+    ``text_field``/``label_field`` name the columns (or JSON keys); every row needs a label.
     tokenizer: "byte" (default), "words" (a vocabulary of at most ``max_vocab`` entries, words
-    seen at least ``min_count`` times in the training split) or "hf:PATH".
+    seen at least ``min_count`` times in the training split) or "hf:PATH". ``encoding``: the
+    files' text encoding (bytes not valid in it are an error naming the line).
     """
-    train = read_labelled_file(path, text_field, label_field)
-    test = read_labelled_file(test_path, text_field, label_field) if test_path else None
+    train = read_labelled_file(path, text_field, label_field, encoding)
+    test = (read_labelled_file(test_path, text_field, label_field, encoding) if test_path
+            else None)
     return classification_splits(train, test, tokenizer=tokenizer, max_len=int(max_len),
                                  test_fraction=float(test_fraction), seed=int(seed),
                                  limit=None if limit is None else int(limit),
@@ -216,7 +287,12 @@ def text_classification(path: Optional[str] = None, *, test_path: Optional[str] 
 
 # ----------------------------------------------------------------------------- language modelling
 
-def read_documents(path: Union[str, Path]) -> List[str]:
+#: What one document is, for messages about too few of them.
+DOCUMENTS = ("documents (with text:FOLDER each file is one; with text:FILE each paragraph, the "
+             "text between blank lines)")
+
+
+def read_documents(path: Union[str, Path], encoding: str = "utf-8") -> List[str]:
     """Documents from a text file (paragraphs split at blank lines) or a folder (one per file)."""
     p = _existing_path(path, "language-modelling text")
     if p.is_dir():
@@ -224,9 +300,9 @@ def read_documents(path: Union[str, Path]) -> List[str]:
         if not files:
             raise kdplug.KdplugError(f"language-modelling text: folder {str(p)!r} holds no "
                                      f"{'/'.join(TEXT_SUFFIXES)} files")
-        docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        docs = [read_text(f, encoding) for f in files]
     else:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_text(p, encoding)
         docs = [part for part in text.replace("\r\n", "\n").split("\n\n")]
     docs = [d.strip() for d in docs if d.strip()]
     if not docs:
@@ -243,7 +319,7 @@ def lm_splits(documents: List[str], *, tokenizer: Any = BYTE_SPEC, seq_len: int 
     if seq_len < 2:
         raise kdplug.KdplugError(f"seq_len must be >= 2, got {seq_len}")
     documents = _limit(documents, limit, seed)
-    train_docs, test_docs = _split(documents, test_fraction, seed)
+    train_docs, test_docs = _split(documents, test_fraction, seed, DOCUMENTS)
     tok = resolve_tokenizer(tokenizer, train_docs, max_vocab, min_count)
 
     def windows(docs):
@@ -279,10 +355,11 @@ def lm_splits(documents: List[str], *, tokenizer: Any = BYTE_SPEC, seq_len: int 
 
 def text_lm(path: Optional[str] = None, *, tokenizer: str = BYTE_SPEC, seq_len: int = 128,
             test_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None,
-            max_vocab: int = 8000, min_count: int = 2) -> DataSplits:
+            max_vocab: int = 8000, min_count: int = 2, encoding: str = "utf-8") -> DataSplits:
     """Language modelling on local text: a file (paragraphs are documents) or a folder of
-    .txt/.md files (each file a document). tokenizer: "byte" (default), "words" or "hf:PATH"."""
-    return lm_splits(read_documents(path), tokenizer=tokenizer, seq_len=int(seq_len),
+    .txt/.md files (each file a document). tokenizer: "byte" (default), "words" or "hf:PATH".
+    ``encoding``: the files' text encoding (bytes not valid in it are an error naming the line)."""
+    return lm_splits(read_documents(path, encoding), tokenizer=tokenizer, seq_len=int(seq_len),
                      test_fraction=float(test_fraction), seed=int(seed),
                      limit=None if limit is None else int(limit), max_vocab=int(max_vocab),
                      min_count=int(min_count), info={"source": str(path)})
@@ -317,7 +394,8 @@ def read_bbc_news() -> List[Tuple[str, str]]:
 def _read_bbc_news(folder: str) -> Tuple[Tuple[str, str], ...]:
     pairs = []
     for category in sorted(d for d in Path(folder).iterdir() if d.is_dir()):
-        for f in sorted(category.glob("*.txt")):
+        for f in sorted(category.glob("*.txt")):  # a fixed corpus, not the user's text: its
+            # one file with a stray non-UTF-8 byte is read with that byte replaced
             pairs.append((f.read_text(encoding="utf-8", errors="replace").strip(), category.name))
     return tuple(pairs)
 
