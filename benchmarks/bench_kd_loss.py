@@ -6,6 +6,7 @@ divergence against kl, and the fused hard-label term against the op plus a separ
     python benchmarks/bench_kd_loss.py --device cuda   # GPU
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
     python benchmarks/bench_kd_loss.py --parts divergences,kdce --no-memory
+    python benchmarks/bench_kd_loss.py --threads 1         # steadier on a shared machine
 
 Parts:
   table        kl (kd_kl_div) at each shape: native, fallback, eager, torch.compile; memory
@@ -198,6 +199,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; on a shared machine one thread "
+                             "gives steadier figures, without waits for a descheduled thread)")
     parser.add_argument("--parts", default="table,divergences,kdce",
                         help="comma-separated: table, divergences, kdce")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -209,6 +213,8 @@ def main():
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"table", "divergences", "kdce"})
     if unknown:
