@@ -73,7 +73,7 @@ class Phases:
                           teacher=teacher, phase=phase, cached_teacher=cached,
                           steps_per_epoch=self.loaders.sampler.batches_per_epoch)
         run = PhaseRun(
-            phase=phase, trainer=trainer, train_loader=self.loaders.train,
+            phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
             test_loader=self.loaders.test, epochs=epochs, task=self.splits.task,
             seed=mix_seed(cfg.seed, seed_key), checkpoint_path=path, identity=cfg.identity(),
