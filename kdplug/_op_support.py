@@ -158,12 +158,35 @@ def scaled_grad(saved_grad: torch.Tensor, grad_loss: torch.Tensor, per_row: bool
     (torch.compile, opcheck), where the multiply fuses anyway.
     """
     if per_row:
-        return (saved_grad * grad_loss.unsqueeze(-1)).to(saved_grad.dtype)
+        return scaled_rows(saved_grad, grad_loss)
     if is_plain_eager(grad_loss) and (
             getattr(grad_loss, UNIT_GRADIENT, False)
             or (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0)):
         return saved_grad
     return (saved_grad * grad_loss).to(saved_grad.dtype)
+
+
+#: Bound on the float32 temporary of scaled_rows (bytes).
+ROW_CHUNK_BYTES = 16 << 20
+
+
+def scaled_rows(saved_grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """saved_grad [rows, C] times grad_rows [rows] (reduction="none"), rounded once into the
+    logits' dtype. grad_rows is float32 while the logits may be bf16/fp16, and the product in one
+    expression would be a float32 [rows, C] temporary (4 GB at 8192×128256); here it goes by
+    stretches of rows whose float32 product stays under ROW_CHUNK_BYTES. While tracing, the
+    one expression is fused anyway."""
+    factors = grad_rows.unsqueeze(-1)
+    if (saved_grad.dtype == torch.promote_types(saved_grad.dtype, grad_rows.dtype)
+            or not is_plain_eager(saved_grad)):
+        return (saved_grad * factors).to(saved_grad.dtype)
+    out = torch.empty_like(saved_grad)
+    row_bytes = max(saved_grad[0].numel(), 1) * grad_rows.element_size()
+    step = max(ROW_CHUNK_BYTES // row_bytes, 1)
+    for start in range(0, saved_grad.shape[0], step):
+        end = start + step
+        out[start:end].copy_(saved_grad[start:end] * factors[start:end])
+    return out
 
 
 class _EagerFusedLoss(torch.autograd.Function):
