@@ -73,3 +73,39 @@ def test_scaled_rows_keeps_float32_and_float64_in_one_multiply():
     saved64 = saved.double()
     assert support.scaled_rows(saved64, rows.double()).dtype == torch.float64
 
+
+class OpCalls(TorchDispatchMode):
+    """Records each kdplug op call's schema arguments while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "kdplug":
+            self.calls.append((func.__name__.split(".")[0], args, func(*args, **(kwargs or {}))))
+            return self.calls[-1][2]
+        return func(*args, **(kwargs or {}))
+
+
+def gradients_asked(loss_fn, student, teacher):
+    """The op's "student_grad" flag (and the teacher's, for the dense op) of one call, and the
+    numel of the gradient buffers it returned."""
+    with OpCalls() as seen:
+        loss_fn(student, teacher)
+    ((name, args, out),) = seen.calls
+    flags = (args[11], args[12]) if name == "kd_loss_fwd" else (args[13],)
+    return flags, [g.numel() for g in out[1:]]
+
+
+@needs_native
+@pytest.mark.parametrize("loss_fn", [dense_loss, topk_loss], ids=["dense", "topk"])
+def test_no_gradient_is_written_when_none_is_wanted(loss_fn):
+    student, teacher = bf16_logits(6, 300)
+    flags, sizes = gradients_asked(loss_fn, student.clone().requires_grad_(), teacher)
+    assert flags[0] is True and sizes[0] == 6 * 300  # the control: wanted, written
+    with torch.no_grad():  # evaluation
+        flags, sizes = gradients_asked(loss_fn, student.clone().requires_grad_(), teacher)
+    assert not any(flags) and not any(sizes)
+    flags, sizes = gradients_asked(loss_fn, student, teacher)  # a student without grad
+    assert not any(flags) and not any(sizes)
