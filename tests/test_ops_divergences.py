@@ -34,6 +34,12 @@ def kl(a, log_a, log_b):
     return (a * (torch.where(a > 0, log_a, zero) - torch.where(a > 0, log_b, zero))).sum(-1)
 
 
+def safe_log(m):
+    """log m where m > 0; 0 where m = 0 (only ever weighted by 0 there), so that no inf reaches
+    the gradient through torch.where (where both p and q underflow even float64: T = 0.05)."""
+    return torch.where(m > 0, m, torch.ones((), dtype=m.dtype)).log()
+
+
 def divergence_reference(p, q, log_p, log_q, name, beta):
     """Each divergence from its definition, in the float64 tensors given."""
     if name == "kl":
@@ -45,11 +51,11 @@ def divergence_reference(p, q, log_p, log_q, name, beta):
         return 0.5 * (p - q).abs().sum(-1)
     if name == "jsd":
         m = beta * p + (1 - beta) * q
-        return beta * kl(p, log_p, m.log()) + (1 - beta) * kl(q, log_q, m.log())
+        return beta * kl(p, log_p, safe_log(m)) + (1 - beta) * kl(q, log_q, safe_log(m))
     if name == "skew_kl":
-        return kl(p, log_p, (beta * p + (1 - beta) * q).log())
+        return kl(p, log_p, safe_log(beta * p + (1 - beta) * q))
     if name == "skew_reverse_kl":
-        return kl(q, log_q, (beta * q + (1 - beta) * p).log())
+        return kl(q, log_q, safe_log(beta * q + (1 - beta) * p))
     raise AssertionError(name)
 
 
@@ -398,3 +404,4 @@ def test_kernel_rejects_labels_out_of_range():
     with pytest.raises(RuntimeError, match=r"label 7 of row 1 is out of range \[0, 5\)"):
         torch.ops.kdplug.kd_loss_fwd(s, t, 2.0, 0, 0.5, torch.tensor([0, 7, 1]), 0.5, -100, None,
                                      2, None, True, False)
+
