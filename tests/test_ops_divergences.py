@@ -405,3 +405,25 @@ def test_kernel_rejects_labels_out_of_range():
         torch.ops.kdplug.kd_loss_fwd(s, t, 2.0, 0, 0.5, torch.tensor([0, 7, 1]), 0.5, -100, None,
                                      2, None, True, False)
 
+
+@needs_native
+@pytest.mark.parametrize("classes", [10, 129, 1271])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_misaligned_rows_give_what_aligned_copies_give(classes, dtype):
+    """Inputs whose rows start off the vector width (a storage offset of one element, as in
+    logits[1:] or a slice of a larger buffer) are read correctly, gradients included."""
+    rows = 9
+    big_s, big_t, labels = make((rows + 1, classes), dtype, "cpu", seed=classes)
+    s = big_s.view(-1)[1:1 + rows * classes].view(rows, classes)
+    t = big_t.view(-1)[3:3 + rows * classes].view(rows, classes)
+    assert s.data_ptr() % 16 and t.data_ptr() % 16
+    labels = labels[:rows]
+    kw = dict(divergence="jsd", beta=0.4, labels=labels, alpha=0.7, backend="native",
+              mask=torch.arange(rows) % 3 != 1)
+    results = []
+    for a, b in ((s, t), (s.clone(), t.clone())):
+        student, teacher = a.detach().requires_grad_(), b.detach().requires_grad_()
+        loss = kd_loss(student, teacher, 1.5, **kw)
+        results.append((loss, *torch.autograd.grad(loss, (student, teacher))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
