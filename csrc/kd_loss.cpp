@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "grad_buffers.h"
+
 // Importing kdplug._C loads this library and so registers the ops below; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -38,4 +40,7 @@ TORCH_LIBRARY(kdplug, m) {
   m.def("kd_loss_topk_fwd(Tensor student, Tensor indices, Tensor values, float temperature, "
         "int divergence, float beta, Tensor? labels, float alpha, int ignore_index, Tensor? mask, "
         "int reduction, bool rest_bucket, Tensor? scales, bool student_grad) -> (Tensor, Tensor)");
+  // Frees the large CPU gradient buffer the CPU ops keep for reuse (grad_buffers.h); returns its
+  // size in bytes.
+  m.def("release_grad_buffers() -> int", &kdplug::grad_buffers::release);
 }

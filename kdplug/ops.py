@@ -25,7 +25,18 @@ from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_
 
 __all__ = ["kd_loss", "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference",
            "kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
-           "DIVERGENCES", "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status"]
+           "DIVERGENCES", "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status",
+           "release_buffers"]
+
+
+def release_buffers() -> int:
+    """Frees the large CPU gradient buffer the native op keeps for reuse between training steps
+    (gradients of 16 MiB up to KDPLUG_CPU_GRAD_CACHE_MAX_MB, default 1024; see docs/op.md,
+    Memory) and returns its size in bytes, 0 when none is kept. Call it when training is over
+    and the memory is wanted elsewhere; a later large gradient allocates afresh."""
+    if _ext._status is None or not _ext._status.available:
+        return 0  # the op was never loaded here, so it keeps nothing
+    return int(torch.ops.kdplug.release_grad_buffers())
 
 
 def backend_status() -> dict:
@@ -47,5 +58,5 @@ def backend_status() -> dict:
         "native_cpu_capability": dataclasses.asdict(cpu) if cpu else None,
         "env_overrides": {k: v for k, v in os.environ.items()
                           if k in (_ext.FORCE_TORCH_ENV, _ext.NO_JIT_ENV, _cpu_capability.ENV,
-                                   "KDPLUG_CPU_GRAD_CACHE")},
+                                   "KDPLUG_CPU_GRAD_CACHE", "KDPLUG_CPU_GRAD_CACHE_MAX_MB")},
     }

@@ -3,16 +3,13 @@
 // the host, and the reuse of large gradient buffers.
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include "cpu/kd_cpu.h"
+#include "grad_buffers.h"
 #include "kd_loss.h"
 #include "kd_namespace.h"
 
@@ -50,39 +47,9 @@ at::Tensor reduce_rows_host(const at::Tensor& loss_rows, int64_t reduction) {
   return at::scalar_tensor(total, loss_rows.options());
 }
 
-// A fresh CPU allocation above glibc's mmap threshold (32 MiB at most) is page-faulted in on
-// first touch at every call: for a 62.5 MiB gradient that costs more than computing it. So the
-// last large gradient's storage is kept and handed out again once nobody else holds it (the
-// training step that used it is over); a new TensorImpl wraps it each time, so autograd never
-// sees a tensor twice. KDPLUG_CPU_GRAD_CACHE=0 turns this off.
-class GradBufferCache {
- public:
-  at::Tensor empty_like(const at::Tensor& like) {
-    const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-    if (bytes < kMinBytes || !enabled()) return at::empty_like(like, at::MemoryFormat::Contiguous);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!storage_.has_value() || storage_->use_count() != 1 || storage_->nbytes() < bytes) {
-      storage_ = at::empty({like.numel()}, like.options()).storage();
-    }
-    return at::empty({0}, like.options()).set_(*storage_, 0, like.sizes());
-  }
-
- private:
-  static constexpr size_t kMinBytes = size_t(16) << 20;
-  static bool enabled() {
-    static const bool on = [] {
-      const char* v = std::getenv("KDPLUG_CPU_GRAD_CACHE");
-      return !(v && std::strcmp(v, "0") == 0);
-    }();
-    return on;
-  }
-  std::mutex mutex_;
-  c10::optional<c10::Storage> storage_;
-};
-
-inline GradBufferCache& grad_buffer_cache() {
-  static GradBufferCache cache;
-  return cache;
+// The reuse of large gradient buffers (grad_buffers.h: one cache for every capability).
+inline at::Tensor grad_buffer_like(const at::Tensor& like) {
+  return ::kdplug::grad_buffers::empty_like(like);
 }
 
 }  // namespace cpu

@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
 
   at::Tensor loss_rows = at::empty({rows}, student.options().dtype(acc_dtype(student)));
   at::Tensor grad_student =
-      student_grad ? cpu::grad_buffer_cache().empty_like(student) : no_grad_output(student);
+      student_grad ? cpu::grad_buffer_like(student) : no_grad_output(student);
   at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher, at::MemoryFormat::Contiguous)
                                          : no_grad_output(teacher);
   cpu::DenseProblem p = cpu::dense_problem(student, o, kd_scale, ce_scale);

@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
   double kd_scale, ce_scale;
   term_scales_host(rows, o, &kd_scale, &ce_scale);
   at::Tensor grad =
-      student_grad ? grad_buffer_cache().empty_like(student) : no_grad_output(student);
+      student_grad ? grad_buffer_like(student) : no_grad_output(student);
   at::Tensor loss_rows = at::empty({rows}, student.options().dtype(at::kFloat));
 
   TopkProblem a;
