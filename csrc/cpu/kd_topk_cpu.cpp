@@ -186,16 +186,24 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
   const at::Tensor indices = indices_in.contiguous(), values = values_in.contiguous();
   const int64_t rows = student.size(0), cols = student.size(1), k = indices.size(1);
   check_labels_host("kd_loss_topk_fwd", rows, cols, o);
-  // The kernel writes only inside the row, so an out-of-range index must never reach it.
+  // The kernel writes only inside the row, so an out-of-range index must never reach it; a
+  // repeated one would count a class twice. Checked here, not only in Python, which skips its
+  // checks under torch.compile.
   const int64_t* idx = indices.data_ptr<int64_t>();
   const bool* mask_ptr = o.mask.has_value() ? o.mask->data_ptr<bool>() : nullptr;
+  std::vector<uint8_t> seen(static_cast<size_t>(cols), 0);
   for (int64_t r = 0; r < rows; ++r) {
     if (mask_ptr && !mask_ptr[r]) continue;
+    const int64_t* row = idx + r * k;
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = idx[r * k + j];
+      const int64_t i = row[j];
       TORCH_CHECK(i >= 0 && i < cols, "kd_loss_topk_fwd: index ", i, " of row ", r,
                   " out of range [0, ", cols, ")");
+      TORCH_CHECK(!seen[i], "kd_loss_topk_fwd: index ", i, " repeats in row ", r,
+                  " (a row's top-k classes must be distinct)");
+      seen[i] = 1;
     }
+    for (int64_t j = 0; j < k; ++j) seen[row[j]] = 0;
   }
   double kd_scale, ce_scale;
   term_scales_host(rows, o, &kd_scale, &ce_scale);
