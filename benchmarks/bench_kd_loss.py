@@ -1,10 +1,20 @@
 """Forward+backward time and peak extra memory of the KD loss: kdplug's native op against the
-pure-PyTorch fallback, the eager composition users write, and torch.compile of it.
+pure-PyTorch fallback, the eager composition users write, and torch.compile of it; then every
+divergence against kl, and the fused hard-label term against the op plus a separate cross-entropy.
 
-    python benchmarks/bench_kd_loss.py                 # CPU, all shapes
+    python benchmarks/bench_kd_loss.py                 # CPU, all parts and shapes
     python benchmarks/bench_kd_loss.py --device cuda   # GPU
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
+    python benchmarks/bench_kd_loss.py --parts divergences,kdce --no-memory
+    python benchmarks/bench_kd_loss.py --threads 1         # steadier on a shared machine
     python benchmarks/bench_kd_loss.py --capability all  # native CPU kernels of each capability
+
+Parts:
+  table        kl (kd_kl_div) at each shape: native, fallback, eager, torch.compile; memory
+  divergences  kd_loss with each divergence, native: ms, multiple of the floor, multiple of kl's
+               own time at the same shape (interleaved with kl and the floor)
+  kdce         kd+ce: kd_loss(..., labels=y, alpha=0.5) in one pass against
+               0.5 * kd_loss(...) + 0.5 * F.cross_entropy(...) (the op and a separate CE)
 
 The floor is the time to read student and teacher logits once and write the gradient once
 (3·N·C·bytes): measured in the same run as `torch.add(s, t, out=g)` on the same tensors, which
@@ -29,12 +39,17 @@ import torch
 import torch.nn.functional as F
 
 from kdplug import _cpu_capability
-from kdplug.ops import backend_status, kd_kl_div
+from kdplug.ops import DIVERGENCES, backend_status, kd_kl_div, kd_loss
 
 T = 2.0
 SHAPES = [(8192, 10), (4096, 100), (2048, 1000), (512, 32000), (64, 128256)]
 BF16_SHAPES = [(512, 32000), (64, 128256)]
 VARIANTS = ["native", "fallback", "eager", "compile"]
+DIVERGENCE_CASES = [(8192, 10, torch.float32), (4096, 100, torch.float32),
+                    (2048, 1000, torch.float32), (512, 32000, torch.float32),
+                    (512, 32000, torch.bfloat16)]
+KDCE_CASES = [(8192, 10, torch.float32), (2048, 1000, torch.float32),
+              (512, 32000, torch.float32), (512, 32000, torch.bfloat16)]
 
 
 def eager_kd(s, t):
@@ -92,12 +107,8 @@ def prepare(variant):
         _cpu_capability.select(variant.split(":", 1)[1], "selected by bench_kd_loss.py")
 
 
-def time_variants(n, c, dtype, device, repeats, variants=VARIANTS):
-    """Median ms of each variant's forward+backward, and of the floor (s + t into g)."""
-    s, t = inputs(n, c, dtype, device)
-    out = torch.empty_like(t)
-    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in variants}
-    steps["floor"] = lambda: torch.add(s.detach(), t, out=out)
+def time_steps(steps, device, repeats):
+    """Median ms of each step (a callable), interleaved so a noisy machine slows all alike."""
     for v, step in steps.items():  # warm-up: compile, JIT, allocator
         prepare(v)
         step()
@@ -112,6 +123,45 @@ def time_variants(n, c, dtype, device, repeats, variants=VARIANTS):
             sync(device)
             times[v].append(time.perf_counter() - t0)
     return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+
+
+def floor_step(s, t):
+    """The bytes-moved floor: read s and t once, write one N×C tensor once."""
+    out = torch.empty_like(t)
+    return lambda: torch.add(s.detach(), t, out=out)
+
+
+def time_variants(n, c, dtype, device, repeats, variants=VARIANTS):
+    """Median ms of each variant's forward+backward, and of the floor (s + t into g)."""
+    s, t = inputs(n, c, dtype, device)
+    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in variants}
+    steps["floor"] = floor_step(s, t)
+    return time_steps(steps, device, repeats)
+
+
+def time_divergences(n, c, dtype, device, repeats):
+    s, t = inputs(n, c, dtype, device)
+    steps = {name: (lambda name=name: fwd_bwd(
+        lambda a, b: kd_loss(a, b, T, divergence=name, beta=0.5, backend="native"), s, t))
+        for name in DIVERGENCES}
+    steps["floor"] = floor_step(s, t)
+    return time_steps(steps, device, repeats)
+
+
+def time_kdce(n, c, dtype, device, repeats):
+    s, t = inputs(n, c, dtype, device)
+    labels = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def fused(a, b):
+        return kd_loss(a, b, T, labels=labels, alpha=0.5, backend="native")
+
+    def separate(a, b):
+        return (0.5 * kd_loss(a, b, T, backend="native")
+                + 0.5 * F.cross_entropy(a.float(), labels))
+
+    steps = {"fused": lambda: fwd_bwd(fused, s, t), "separate": lambda: fwd_bwd(separate, s, t),
+             "floor": floor_step(s, t)}
+    return time_steps(steps, device, repeats)
 
 
 def _rss_bytes(field):
@@ -159,10 +209,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; on a shared machine one thread "
+                             "gives steadier figures, without waits for a descheduled thread)")
     parser.add_argument("--capability", default=None,
                         help="CPU kernels for the native column: default, avx2, avx512, or all "
                              "(one column per capability this CPU supports); default: the one "
                              "selected at load (KDPLUG_CPU_CAPABILITY, else the best)")
+    parser.add_argument("--parts", default="table,divergences,kdce",
+                        help="comma-separated: table, divergences, kdce")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -172,11 +227,19 @@ def main():
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - {"table", "divergences", "kdce"})
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {unknown}; expected table, divergences, kdce")
     repeats = args.repeats or (5 if args.quick else (25 if device == "cpu" else 50))
     cases = [(n, c, torch.float32) for n, c in SHAPES] + [(n, c, torch.bfloat16)
                                                          for n, c in BF16_SHAPES]
+    divergence_cases, kdce_cases = DIVERGENCE_CASES, KDCE_CASES
     if args.quick:
         cases = [(2048, 1000, torch.float32), (512, 32000, torch.float32)]
+        divergence_cases = kdce_cases = cases
 
     status = backend_status()
     cpu = status["native_cpu_capability"]
@@ -203,13 +266,28 @@ def main():
     bandwidth = copy_bandwidth(largest, device, repeats)
     print(f"copy bandwidth, for reference: {bandwidth / 1e9:.1f} GB/s (read+write of "
           f"{largest / 2**20:.0f} MiB); each row's floor is measured on its own tensors\n")
+    report = {"device": name, "bandwidth_gbs": bandwidth / 1e9}
+    if "table" in parts:
+        report["rows"] = part_table(cases, device, repeats, args.no_memory, variants)
+    if "divergences" in parts:
+        report["divergences"] = part_divergences(divergence_cases, device, repeats)
+    if "kdce" in parts:
+        report["kdce"] = part_kdce(kdce_cases, device, repeats)
+    print("\njson:", json.dumps(report))
 
+
+def dtype_name(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def part_table(cases, device, repeats, no_memory, variants=VARIANTS):
     per_capability = [v for v in variants if v.startswith("native:")]
     best = per_capability[-1] if per_capability else "native"
     header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} {'GB/s':>6} | "
               + " | ".join(f"{v:>16}" for v in variants)
               + f" | {best} vs eager, vs compile"
               + (f" | {per_capability[0]} / {best}" if len(per_capability) > 1 else ""))
+    print("kl (kd_kl_div), ms of forward+backward (multiple of the floor)")
     print(header)
     print("-" * len(header))
     rows = []
@@ -221,14 +299,14 @@ def main():
         cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in variants)
         slower = (f" | {ms[per_capability[0]] / ms[best]:5.2f}x" if len(per_capability) > 1
                   else "")
-        print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} {floor_ms:9.3f} {floor_gbs:6.1f} | "
+        print(f"{n:>6} x {c:<6} {dtype_name(dtype):>8} {floor_ms:9.3f} {floor_gbs:6.1f} | "
               f"{cells} | "
               f"{ms['eager'] / ms[best]:5.1f}x, {ms['compile'] / ms[best]:4.1f}x{slower}",
               flush=True)
         rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms,
                      "floor_gbs": floor_gbs, "ms": ms})
 
-    if not args.no_memory:
+    if not no_memory:
         print("\npeak extra memory of one forward+backward, as a multiple of one input "
               "(N·C·itemsize; the gradient alone is 1.0)")
         print(f"{'N x C':>14} {'dtype':>8} | " + " | ".join(f"{v:>9}" for v in VARIANTS))
@@ -236,12 +314,45 @@ def main():
             one_input = n * c * torch.tensor([], dtype=dtype).element_size()
             mem = {v: peak_extra_memory(v, n, c, dtype, device) for v in VARIANTS}
             row["peak_extra_bytes"] = mem
-            print(f"{n:>6} x {c:<6} {str(dtype).split('.')[-1]:>8} | "
+            print(f"{n:>6} x {c:<6} {dtype_name(dtype):>8} | "
                   + " | ".join(f"{mem[v] / one_input:8.2f}x" for v in VARIANTS), flush=True)
         if device == "cpu":
             print("(CPU figures are resident-set growth: allocations under glibc's mmap threshold "
                   "may be served from memory freed by the warm-up and show as less)")
-    print("\njson:", json.dumps({"device": name, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}))
+    return rows
+
+
+def part_divergences(cases, device, repeats):
+    names = list(DIVERGENCES)
+    print("\nkd_loss by divergence (native), ms of forward+backward (multiple of the floor) "
+          "[multiple of kl's time]; beta = 0.5")
+    print(f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} | " + " | ".join(f"{d:>24}" for d in names))
+    rows = []
+    for n, c, dtype in cases:
+        ms = time_divergences(n, c, dtype, device, repeats)
+        floor_ms = ms.pop("floor")
+        cells = " | ".join(f"{ms[d]:7.2f} ({ms[d] / floor_ms:4.1f}x) [{ms[d] / ms['kl']:4.2f}]"
+                           for d in names)
+        print(f"{n:>6} x {c:<6} {dtype_name(dtype):>8} {floor_ms:9.3f} | {cells}", flush=True)
+        rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms, "ms": ms})
+    return rows
+
+
+def part_kdce(cases, device, repeats):
+    print("\nkd+ce (alpha = 0.5, kl): one fused pass against kd_loss + a separate "
+          "F.cross_entropy, ms of forward+backward (multiple of the floor)")
+    print(f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} | {'fused':>16} | {'separate':>16} | "
+          f"separate / fused")
+    rows = []
+    for n, c, dtype in cases:
+        ms = time_kdce(n, c, dtype, device, repeats)
+        floor_ms = ms.pop("floor")
+        print(f"{n:>6} x {c:<6} {dtype_name(dtype):>8} {floor_ms:9.3f} | "
+              f"{ms['fused']:8.2f} ({ms['fused'] / floor_ms:4.1f}x) | "
+              f"{ms['separate']:8.2f} ({ms['separate'] / floor_ms:4.1f}x) | "
+              f"{ms['separate'] / ms['fused']:5.2f}x", flush=True)
+        rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms, "ms": ms})
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with a GPU and PyTorch: build the extension in place, run the op's tests (CUDA and
-# CPU) and the GPU benchmark. Meant to finish within 5 minutes on an H100/H200.
+# CPU) and the GPU benchmark. Meant to finish within 10 minutes on an H100/H200.
 #   bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,13 @@ echo "built kdplug._C for sm_${TORCH_CUDA_ARCH_LIST} in $(( $(date +%s) - start 
 
 export PYTHONPATH="$PWD:$PWD/plugins${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m kdplug doctor
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_ops_cuda.py \
-    -k "not jit_build" -rs 2>&1 | tail -25
-timeout 200 "$PY" benchmarks/bench_kd_loss.py --device cuda
+# The op's tests on the GPU: kl (test_ops, test_ops_cuda's forced thread layouts), every divergence
+# and the fused hard-label term (test_ops_divergences), the top-k teacher with every divergence
+# (test_ops_topk), each also on the CPU. Then the forced layouts once more for the new divergences.
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_ops_cuda.py \
+    tests/test_ops_divergences.py tests/test_ops_topk.py -k "not jit_build" -rs 2>&1 | tail -25
+for path in group block split; do
+    KDPLUG_CUDA_PATH=$path KDPLUG_CUDA_SPLITS=3 timeout 120 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_ops_divergences.py -k "cuda and matches_float64" 2>&1 | tail -2
+done
+timeout 300 "$PY" benchmarks/bench_kd_loss.py --device cuda --parts table,divergences,kdce

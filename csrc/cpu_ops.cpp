@@ -6,14 +6,14 @@
 
 namespace kdplug {
 
-KD_DEFINE_CPU_KERNEL(kd_kl_fwd_kernel, KdKlFwd);
-KD_DEFINE_CPU_KERNEL(kd_kl_fwd_portable_kernel, KdKlFwd);
-KD_DEFINE_CPU_KERNEL(kd_kl_topk_fwd_kernel, KdKlTopkFwd);
+KD_DEFINE_CPU_KERNEL(kd_loss_fwd_kernel, KdLossFwd);
+KD_DEFINE_CPU_KERNEL(kd_loss_fwd_portable_kernel, KdLossFwd);
+KD_DEFINE_CPU_KERNEL(kd_loss_topk_fwd_kernel, KdLossTopkFwd);
 
 TORCH_LIBRARY_IMPL(kdplug, CPU, m) {
-  m.impl("kd_kl_fwd", KD_CPU_KERNEL(kd_kl_fwd_kernel));
-  m.impl("kd_kl_fwd_portable", KD_CPU_KERNEL(kd_kl_fwd_portable_kernel));
-  m.impl("kd_kl_topk_fwd", KD_CPU_KERNEL(kd_kl_topk_fwd_kernel));
+  m.impl("kd_loss_fwd", KD_CPU_KERNEL(kd_loss_fwd_kernel));
+  m.impl("kd_loss_fwd_portable", KD_CPU_KERNEL(kd_loss_fwd_portable_kernel));
+  m.impl("kd_loss_topk_fwd", KD_CPU_KERNEL(kd_loss_topk_fwd_kernel));
 }
 
 }  // namespace kdplug

@@ -20,7 +20,7 @@ from . import _build_flags, _cpu_capability
 
 FORCE_TORCH_ENV = "KDPLUG_FORCE_TORCH"
 NO_JIT_ENV = "KDPLUG_NO_JIT"
-OP_NAME = "kdplug::kd_kl_fwd"
+OP_NAME = "kdplug::kd_loss_fwd"
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def warn_fallback_once(status: NativeStatus) -> None:
     global _warned
     if not _warned and status.source != "forced-off":
         _warned = True
-        warnings.warn(f"kdplug: using the PyTorch fallback for kd_kl_div: {status.reason}",
+        warnings.warn(f"kdplug: using the PyTorch fallback for the fused KD ops: {status.reason}",
                       RuntimeWarning, stacklevel=3)
 
 

@@ -11,6 +11,10 @@ from . import _ext, hyperparameters
 REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 BACKENDS = ("auto", "native", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Codes shared with csrc/kd_math.h.
+DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+BETA_DIVERGENCES = ("jsd", "skew_kl", "skew_reverse_kl")
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def check_tensor(op: str, name: str, value, dtypes=FLOAT_DTYPES, what="floating-point logits"):
@@ -48,6 +52,54 @@ def check_temperature(op: str, temperature) -> float:
 def check_choice(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_number(op: str, name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_divergence(op: str, divergence, beta) -> float:
+    """The divergence's name and β: β must lie strictly inside (0, 1) where it is used."""
+    check_choice(op, "divergence", divergence, DIVERGENCES)
+    beta = check_number(op, "beta", beta)
+    if divergence in BETA_DIVERGENCES and not 0.0 < beta < 1.0:
+        raise ValueError(f"{op}: beta must be in (0, 1) for divergence={divergence!r} (its "
+                         f"mixing weight: m = beta*p + (1-beta)*q), got {beta}")
+    return beta
+
+
+def check_labels(op: str, labels, alpha, rows_shape, device, classes: int, ignore_index,
+                 mask) -> float:
+    """α in [0, 1]; labels (class indices shaped like the rows) when α < 1; their values in
+    eager mode: a class or ignore_index in every counted row."""
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
+        alpha = alpha.item()
+    alpha = hyperparameters.check_alpha(alpha, prefix=f"{op}: ")
+    if labels is None:
+        if alpha < 1.0:
+            raise ValueError(f"{op}: alpha={alpha} < 1 weighs a hard-label cross-entropy term: "
+                             f"pass labels=")
+        return alpha
+    check_tensor(op, "labels", labels, LABEL_DTYPES, "class indices")
+    if labels.shape != rows_shape:
+        raise ValueError(f"{op}: labels must have the logits' leading shape {tuple(rows_shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{op}: labels on {labels.device} but logits on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if alpha < 1.0 and is_plain_eager(labels):
+        counted = labels if mask is None else labels[mask]
+        bad = (counted != ignore_index) & ((counted < 0) | (counted >= classes))
+        if bool(bad.any()):
+            value = int(counted[bad][0])
+            raise ValueError(f"{op}: labels must be classes in [0, {classes}) or ignore_index "
+                             f"({ignore_index}), found {value}")
+    return alpha
 
 
 def check_mask(op: str, mask: Optional[torch.Tensor], rows_shape, device) -> None:
@@ -106,12 +158,68 @@ def scaled_grad(saved_grad: torch.Tensor, grad_loss: torch.Tensor, per_row: bool
     (torch.compile, opcheck), where the multiply fuses anyway.
     """
     if per_row:
-        return (saved_grad * grad_loss.unsqueeze(-1)).to(saved_grad.dtype)
+        return scaled_rows(saved_grad, grad_loss)
     if is_plain_eager(grad_loss) and (
             getattr(grad_loss, UNIT_GRADIENT, False)
             or (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0)):
         return saved_grad
     return (saved_grad * grad_loss).to(saved_grad.dtype)
+
+
+#: Bound on the float32 temporary of scaled_rows (bytes).
+ROW_CHUNK_BYTES = 16 << 20
+
+
+def scaled_rows(saved_grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """saved_grad [rows, C] times grad_rows [rows] (reduction="none"), rounded once into the
+    logits' dtype. grad_rows is float32 while the logits may be bf16/fp16, and the product in one
+    expression would be a float32 [rows, C] temporary (4 GB at 8192×128256); here it goes by
+    stretches of rows whose float32 product stays under ROW_CHUNK_BYTES. While tracing, the
+    one expression is fused anyway."""
+    factors = grad_rows.unsqueeze(-1)
+    if (saved_grad.dtype == torch.promote_types(saved_grad.dtype, grad_rows.dtype)
+            or not is_plain_eager(saved_grad)):
+        return (saved_grad * factors).to(saved_grad.dtype)
+    out = torch.empty_like(saved_grad)
+    row_bytes = max(saved_grad[0].numel(), 1) * grad_rows.element_size()
+    step = max(ROW_CHUNK_BYTES // row_bytes, 1)
+    for start in range(0, saved_grad.shape[0], step):
+        end = start + step
+        out[start:end].copy_(saved_grad[start:end] * factors[start:end])
+    return out
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """Eager autograd of the fused ops: the op runs once in forward, writing the gradients that
+    are wanted, and backward only scales them (as the op's registered autograd does, which
+    torch.compile and opcheck use). Calling the op from here runs it below autograd, which skips
+    torch.library's per-call bookkeeping (it re-reads the op's schema for every argument, about
+    0.1 ms for these 13-argument schemas)."""
+
+    @staticmethod
+    def forward(ctx, op, per_row, *inputs):
+        loss, *grads = op(*inputs)
+        ctx.per_row = per_row
+        ctx.inputs = len(inputs)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # an empty saved gradient is one the forward was told nobody wants
+        grads = [scaled_grad(g, grad_loss, ctx.per_row) if g.numel() else None
+                 for g in ctx.saved_tensors]
+        return (None, None, *grads, *([None] * (ctx.inputs - len(grads))))
+
+
+def call_fused(op, per_row: bool, wants_grad: bool, *inputs):
+    """The loss of `op(*inputs)` (loss first, then the gradients of the leading inputs, as the
+    kd_loss ops return them), with autograd when a gradient is wanted."""
+    if not wants_grad:
+        return op(*inputs)[0]
+    if torch.compiler.is_compiling():  # the op's registered autograd, which the tracer knows
+        return op(*inputs)[0]
+    return _EagerFusedLoss.apply(op, per_row, *inputs)
 
 
 # op name -> a function registering its fake kernel and autograd; run once, when the compiled op
@@ -136,8 +244,14 @@ def native_available(op: str, device_type: str) -> bool:
     if op not in _python_parts_done:
         _python_parts[op]()
         _python_parts_done.add(op)
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"kdplug::{op}", "CUDA" if device_type == "cuda" else "CPU")
+    key = (op, device_type)
+    if key not in _has_kernel:  # asked at every call: the registrations do not change
+        _has_kernel[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"kdplug::{op}", "CUDA" if device_type == "cuda" else "CPU")
+    return _has_kernel[key]
+
+
+_has_kernel: dict = {}
 
 
 def assume_constant_result(fn):

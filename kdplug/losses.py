@@ -15,13 +15,17 @@ loss that needs intermediate outputs sets ``requires = {"hidden_states"}`` and/o
 
 Every factory takes the engine's ``temperature=`` and ``alpha=`` (and ignores what it does not use).
 
-``kd`` and ``kd+ce`` also take a top-k teacher (from a top-k teacher cache:
-``teacher_out.extras["topk"] = (indices, logprobs)``) through :func:`kdplug.ops.kd_kl_div_topk`;
-their option ``rest`` ("renormalize" or "bucket") says how the teacher's mass outside its top k is
-treated there.
+``kd`` and ``kd+ce`` take ``divergence`` (``kl``, the default, ``reverse_kl``, ``jsd``, ``tvd``,
+``skew_kl``, ``skew_reverse_kl``; see :func:`kdplug.ops.kd_loss`) and ``beta`` (jsd's and the
+skews' mixing weight), e.g. ``--loss-option divergence=jsd --loss-option beta=0.5``. ``kd+ce``
+computes both terms in one fused pass (:func:`kdplug.ops.kd_loss` with labels). Both also take a
+top-k teacher (from a top-k teacher cache: ``teacher_out.extras["topk"] = (indices, logprobs)``)
+through :func:`kdplug.ops.kd_loss_topk`; their option ``rest`` ("renormalize" or "bucket") says
+how the teacher's mass outside its top k is treated there.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -89,85 +93,123 @@ class CrossEntropyLoss(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """Soft targets only: T²·KL(softmax(t/T) ‖ softmax(s/T)) through kdplug.ops.kd_kl_div (or
-    kd_kl_div_topk for a top-k teacher, with ``rest`` "renormalize" or "bucket")."""
+    """Soft targets only: T²·D(softmax(t/T), softmax(s/T)) through kdplug.ops.kd_loss (or
+    kd_loss_topk for a top-k teacher, with ``rest`` "renormalize" or "bucket"); D is KL(p ‖ q)
+    unless ``divergence`` names another."""
 
     requires: frozenset = frozenset()
     uses_teacher = True
     supports_topk_teacher = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, *, backend: str = "auto",
-                 rest: str = "renormalize", **options: Any) -> None:
+                 rest: str = "renormalize", divergence: str = "kl", beta: float = 0.5,
+                 **options: Any) -> None:
         super().__init__()
         _no_options("kd", options)
         self.temperature = check_temperature(temperature)
         self.backend = backend
         self.rest = _check_rest(rest)
+        self.divergence, self.beta = _check_divergence(divergence, beta)
 
-    def soft(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-             batch: Dict[str, Any]) -> torch.Tensor:
-        from kdplug.ops import kd_kl_div  # here: listing plugins need not load the compiled op
-
-        if teacher_logits.dtype != student_logits.dtype:  # e.g. one model outside autocast
-            teacher_logits = teacher_logits.to(student_logits.dtype)
-        return kd_kl_div(student_logits, teacher_logits.detach(), self.temperature,
-                         mask=token_mask(student_logits, batch), backend=self.backend)
-
-    def soft_target(self, student_logits: torch.Tensor, teacher_out: Any,
-                    batch: Dict[str, Any]) -> torch.Tensor:
-        """The soft term against a teacher output: dense logits, or a top-k teacher."""
+    def soft_target(self, student_logits: torch.Tensor, teacher_out: Any, batch: Dict[str, Any],
+                    alpha: float = 1.0) -> torch.Tensor:
+        """The soft term against a teacher output (dense logits, or a top-k teacher), fused with
+        the hard-label term α·soft + (1 − α)·CE when α < 1, in one pass."""
+        labels = None if alpha == 1.0 else _labels_for(student_logits, batch)
+        options = dict(divergence=self.divergence, beta=self.beta, labels=labels, alpha=alpha,
+                       mask=token_mask(student_logits, batch), backend=self.backend)
         topk = teacher_topk(teacher_out)
         if topk is None:
-            return self.soft(student_logits, _logits(teacher_out), batch)
-        from kdplug.ops import kd_kl_div_topk
+            # here, not at the top: listing plugins need not load the compiled op
+            from .ops import kd_loss
+
+            teacher_logits = _logits(teacher_out)
+            if teacher_logits.dtype != student_logits.dtype:  # e.g. one model outside autocast
+                teacher_logits = teacher_logits.to(student_logits.dtype)
+            return kd_loss(student_logits, teacher_logits.detach(), self.temperature, **options)
+        from .ops import kd_loss_topk
 
         indices, logprobs = topk
-        return kd_kl_div_topk(student_logits, indices, logprobs.detach(), self.temperature,
-                              mask=token_mask(student_logits, batch), rest=self.rest,
-                              backend=self.backend)
+        return kd_loss_topk(student_logits, indices, logprobs.detach(), self.temperature,
+                            rest=self.rest, **options)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
         return self.soft_target(_logits(student_out), teacher_out, batch)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature:g}"
+        beta = f", beta={self.beta:g}" if self.divergence in _beta_divergences() else ""
+        return f"temperature={self.temperature:g}, divergence={self.divergence}{beta}"
 
 
 class KDCrossEntropyLoss(KDLoss):
-    """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y): Hinton et al. (2015)."""
+    """α·T²·D(softmax(t/T), softmax(s/T)) + (1−α)·CE(s, y), both terms in one fused pass:
+    Hinton et al. (2015) with D = KL(p ‖ q)."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, *, backend: str = "auto",
-                 rest: str = "renormalize", **options: Any) -> None:
+                 rest: str = "renormalize", divergence: str = "kl", beta: float = 0.5,
+                 **options: Any) -> None:
         _no_options("kd+ce", options)
-        super().__init__(temperature, backend=backend, rest=rest)
+        super().__init__(temperature, backend=backend, rest=rest, divergence=divergence,
+                         beta=beta)
         self.alpha = check_alpha(alpha)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
         student_logits = _logits(student_out)
-        loss = None
-        if self.alpha > 0:
-            loss = self.alpha * self.soft_target(student_logits, teacher_out, batch)
-        if self.alpha < 1:
-            hard = (1.0 - self.alpha) * cross_entropy(student_logits, batch["labels"])
-            loss = hard if loss is None else loss + hard
-        return loss
+        if self.alpha == 0.0:  # hard labels only: the teacher's output is not read
+            return cross_entropy(student_logits, batch["labels"])
+        return self.soft_target(student_logits, teacher_out, batch, alpha=self.alpha)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature:g}, alpha={self.alpha:g}"
+        return f"{super().extra_repr()}, alpha={self.alpha:g}"
+
+
+def _labels_for(logits: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    """The batch's labels shaped like the logits' rows."""
+    labels = batch["labels"]
+    rows = logits.shape[:-1]
+    if labels.shape != rows:
+        if labels.numel() != math.prod(rows):
+            raise KdplugError(f"cross-entropy: {math.prod(rows)} rows of logits but "
+                                     f"{labels.numel()} labels")
+        labels = labels.reshape(rows)
+    return labels
+
+
+def _beta_divergences():
+    from ._op_support import BETA_DIVERGENCES
+
+    return BETA_DIVERGENCES
+
+
+def _check_divergence(divergence: Any, beta: Any):
+    from ._op_support import DIVERGENCES
+
+    if divergence not in DIVERGENCES:
+        raise KdplugError(
+            f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r} (see "
+            "kdplug.ops.kd_loss)")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise KdplugError(f"beta must be a number in (0, 1), got {beta!r}")
+    beta = float(beta)
+    if divergence in _beta_divergences() and not 0.0 < beta < 1.0:
+        raise KdplugError(
+            f"beta must be in (0, 1) for divergence {divergence!r}, got {beta:g} (the mixing "
+            "weight m = beta*p_teacher + (1-beta)*q_student)")
+    return divergence, beta
 
 
 def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
         raise KdplugError(
             f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
-            f"its options are temperature, alpha, backend and rest")
+            f"its options are temperature, alpha, backend, rest, divergence and beta")
 
 
 def _check_rest(rest: Any) -> str:
     if rest not in ("renormalize", "bucket"):
         raise KdplugError(
             f"rest must be 'renormalize' or 'bucket', got {rest!r} (how a top-k teacher's mass "
-            "outside its k classes is treated; see kdplug.ops.kd_kl_div_topk)")
+            "outside its k classes is treated; see kdplug.ops.kd_loss_topk)")
     return rest
 
 
@@ -176,6 +218,7 @@ def register_losses(register):
     register("ce", CrossEntropyLoss,
              description="cross-entropy on the hard labels only (a student trained alone)")
     register("kd", KDLoss,
-             description="T²·KL(softmax(t/T) ‖ softmax(s/T)) on the teacher's soft targets")
+             description="T²·KL(softmax(t/T) ‖ softmax(s/T)) on the teacher's soft targets "
+                         "(option divergence: reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl)")
     register("kd+ce", KDCrossEntropyLoss,
-             description="α·kd + (1−α)·ce, Hinton et al. 2015 (the default)")
+             description="α·kd + (1−α)·ce in one fused pass, Hinton et al. 2015 (the default)")

@@ -1,14 +1,14 @@
 """kdplug's fused knowledge-distillation losses.
 
-`kd_kl_div(student_logits, teacher_logits, T)` is, per row of logits shaped [..., C],
-
-    T² · Σ_c p_c (log p_c − log q_c),   p = softmax(teacher/T), q = softmax(student/T)
-
-reduced by `reduction`; `kd_kl_div_topk` is the same with the teacher known on its top-k classes
-(as a teacher cache stores large vocabularies). The native kernels (csrc/) write the student's
-gradient while they compute the loss, so forward and backward together read each input once and
-write the gradient once. The pure-PyTorch paths have the same signatures and numerics, run
-wherever the compiled op is missing, and are the test oracles.
+`kd_loss(student_logits, teacher_logits, T, divergence=...)` is, per row of logits shaped [..., C],
+T²·D(p, q) with p = softmax(teacher/T), q = softmax(student/T) and D one of kl, reverse_kl, jsd,
+tvd, skew_kl, skew_reverse_kl, optionally fused with the hard-label cross-entropy
+(α·T²·D + (1 − α)·CE), reduced by `reduction`; `kd_kl_div` is its kl case. `kd_loss_topk` and
+`kd_kl_div_topk` take a teacher known on its top-k classes (as a teacher cache stores large
+vocabularies). The native kernels (csrc/) write the gradient while they compute the loss, so
+forward and backward together read each input once and write the gradient once. The pure-PyTorch
+paths have the same signatures and numerics, run wherever the compiled op is missing, and are the
+test oracles.
 """
 from __future__ import annotations
 
@@ -18,12 +18,25 @@ import os
 import torch
 
 from . import _cpu_capability, _ext
-from ._dense_op import kd_kl_div, kd_kl_div_reference
-from ._op_support import BACKENDS, REDUCTIONS
-from ._topk_op import REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference
+from ._dense_op import kd_kl_div, kd_kl_div_reference, kd_loss, kd_loss_reference
+from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS
+from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_loss_topk,
+                       kd_loss_topk_reference)
 
-__all__ = ["kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
-           "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status"]
+__all__ = ["kd_loss", "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference",
+           "kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
+           "DIVERGENCES", "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status",
+           "release_buffers"]
+
+
+def release_buffers() -> int:
+    """Frees the large CPU gradient buffer the native op keeps for reuse between training steps
+    (gradients of 16 MiB up to KDPLUG_CPU_GRAD_CACHE_MAX_MB, default 1024; see docs/op.md,
+    Memory) and returns its size in bytes, 0 when none is kept. Call it when training is over
+    and the memory is wanted elsewhere; a later large gradient allocates afresh."""
+    if _ext._status is None or not _ext._status.available:
+        return 0  # the op was never loaded here, so it keeps nothing
+    return int(torch.ops.kdplug.release_grad_buffers())
 
 
 def backend_status() -> dict:
@@ -45,5 +58,5 @@ def backend_status() -> dict:
         "native_cpu_capability": dataclasses.asdict(cpu) if cpu else None,
         "env_overrides": {k: v for k, v in os.environ.items()
                           if k in (_ext.FORCE_TORCH_ENV, _ext.NO_JIT_ENV, _cpu_capability.ENV,
-                                   "KDPLUG_CPU_GRAD_CACHE")},
+                                   "KDPLUG_CPU_GRAD_CACHE", "KDPLUG_CPU_GRAD_CACHE_MAX_MB")},
     }

@@ -28,7 +28,7 @@ def pytest_sessionstart(session):
     missing = [] if status.source == "prebuilt" else [f"kdplug._C ({status.reason})"]
     devices = ["CPU"] + (["CUDA"] if shutil.which("nvcc") and not os.environ.get("KDPLUG_NO_CUDA")
                          else [])
-    for op in ("kd_kl_fwd", "kd_kl_topk_fwd"):
+    for op in ("kd_loss_fwd", "kd_loss_topk_fwd"):
         missing += [f"kdplug::{op} for {key}" for key in devices
                     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kdplug::{op}", key)]
     if missing:

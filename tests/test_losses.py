@@ -102,8 +102,80 @@ def test_alpha_outside_unit_interval_is_a_clear_error(alpha):
 
 
 def test_unknown_loss_option_is_named():
-    with pytest.raises(kdplug.KdplugError, match="'beta'"):
-        kdplug.create_loss("kd", beta=1)
+    with pytest.raises(kdplug.KdplugError, match="'gamma'.*divergence and beta"):
+        kdplug.create_loss("kd", gamma=1)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"])
+def test_divergence_option_picks_the_ops_divergence(logits, divergence):
+    from kdplug.ops import kd_loss_reference
+
+    s, t, batch = logits
+    kd = kdplug.create_loss("kd", temperature=2.0, divergence=divergence, beta=0.3)
+    torch.testing.assert_close(kd(s, t, batch),
+                               kd_loss_reference(s, t, 2.0, divergence=divergence, beta=0.3))
+    mix = kdplug.create_loss("kd+ce", temperature=2.0, alpha=0.4, divergence=divergence, beta=0.3)
+    want = (0.4 * kd_loss_reference(s, t, 2.0, divergence=divergence, beta=0.3)
+            + 0.6 * F.cross_entropy(s, batch["labels"]))
+    torch.testing.assert_close(mix(s, t, batch), want)
+    assert f"divergence={divergence}" in repr(mix)
+
+
+def test_kd_ce_on_sequences_is_one_fused_pass_with_the_same_value_and_gradient():
+    """[B, L, V] logits: the soft term per counted token, the hard term per labelled token."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 5, 50, generator=g)
+    t = torch.randn(3, 5, 50, generator=g)
+    labels = torch.randint(0, 50, (3, 5), generator=g)
+    labels[0, 4] = labels[2, 3:] = -100
+    attention = torch.ones(3, 5, dtype=torch.bool)
+    attention[1, 0] = False
+    batch = {"inputs": torch.zeros(3, 5, dtype=torch.long), "labels": labels,
+             "attention_mask": attention}
+    keep = (labels != -100) & attention
+    for divergence in ("kl", "jsd"):
+        a = s.clone().requires_grad_()
+        got = kdplug.create_loss("kd+ce", temperature=2.0, alpha=0.7,
+                                 divergence=divergence)(a, t, batch)
+        got.backward()
+        b = s.clone().requires_grad_()
+        from kdplug.ops import kd_loss_reference
+
+        want = (0.7 * kd_loss_reference(b[keep], t[keep], 2.0, divergence=divergence)
+                + 0.3 * F.cross_entropy(b[keep], labels[keep]))
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_kd_ce_against_a_top_k_teacher_fuses_too():
+    from kdplug.ops import kd_loss_topk_reference
+
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 6, 40, generator=g)
+    logprobs, indices = F.log_softmax(torch.randn(2, 6, 40, generator=g), -1).topk(5, dim=-1)
+    labels = torch.randint(0, 40, (2, 6), generator=g)
+    labels[1, 5] = -100
+    teacher = ModelOutput(logits=logprobs.new_empty(2, 6, 0), extras={"topk": (indices, logprobs)})
+    batch = {"inputs": torch.zeros(2, 6, dtype=torch.long), "labels": labels}
+    loss = kdplug.create_loss("kd+ce", temperature=1.5, alpha=0.5, rest="bucket",
+                              divergence="reverse_kl")
+    keep = labels != -100
+    want = (0.5 * kd_loss_topk_reference(s[keep], indices[keep], logprobs[keep], 1.5,
+                                         divergence="reverse_kl", rest="bucket")
+            + 0.5 * F.cross_entropy(s[keep], labels[keep]))
+    torch.testing.assert_close(loss(ModelOutput(s), teacher, batch), want)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(divergence="js"), r"divergence must be one of kl, reverse_kl, jsd, tvd, skew_kl, "
+                            r"skew_reverse_kl, got 'js'"),
+    (dict(divergence="jsd", beta=1.0), r"beta must be in \(0, 1\) for divergence 'jsd', got 1"),
+    (dict(divergence="skew_kl", beta="x"), r"beta must be a number"),
+])
+def test_bad_divergence_options_are_clear_errors(options, message):
+    with pytest.raises(kdplug.KdplugError, match=message):
+        kdplug.create_loss("kd+ce", **options)
 
 
 def test_bf16_logits_work_and_return_float32(logits):

@@ -46,10 +46,11 @@ def test_kernel_paths_match_reference(device, shape, dtype):
 @pytest.mark.parametrize("shape", [(8, 1000), (64, 128256)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_agrees_with_cpu_kernel_and_runs_on_the_current_stream(shape):
     s, t = make_logits(shape, torch.float32, "cpu")
-    cpu = torch.ops.kdplug.kd_kl_fwd(s, t, 2.0, None, 2, True)
+    args = (2.0, 0, 0.5, None, 1.0, -100, None, 2, None, True, True)
+    cpu = torch.ops.kdplug.kd_loss_fwd(s, t, *args)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        cuda = torch.ops.kdplug.kd_kl_fwd(s.cuda(), t.cuda(), 2.0, None, 2, True)
+        cuda = torch.ops.kdplug.kd_loss_fwd(s.cuda(), t.cuda(), *args)
     stream.synchronize()
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
@@ -58,8 +59,9 @@ def test_cuda_agrees_with_cpu_kernel_and_runs_on_the_current_stream(shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_opcheck_and_compile():
     s, t = make_logits((16, 1000), torch.float32, "cuda")
-    torch.library.opcheck(torch.ops.kdplug.kd_kl_fwd.default,
-                          (s.clone().requires_grad_(), t, 2.0, None, 2, False))
+    torch.library.opcheck(torch.ops.kdplug.kd_loss_fwd.default,
+                          (s.clone().requires_grad_(), t, 2.0, 0, 0.5, None, 1.0, -100, None, 2,
+                           None, True, False))
     fn = torch.compile(lambda a, b: kd_kl_div(a, b, 2.0), fullgraph=True)
     student = s.clone().requires_grad_()
     fn(student, t).backward()

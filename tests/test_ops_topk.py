@@ -1,6 +1,6 @@
-"""kd_kl_div_topk: a teacher known on its top-k classes, against float64 references built
-independently of the op (the dense loss with the other classes at −inf, and an explicit
-(k + 1)-class distribution for the rest bucket)."""
+"""kd_kl_div_topk and kd_loss_topk: a teacher known on its top-k classes, against float64
+references built independently of the op (the dense loss with the other classes at −inf, and an
+explicit (k + 1)-class distribution for the rest bucket)."""
 from __future__ import annotations
 
 import pytest
@@ -129,12 +129,14 @@ def test_full_topk_renormalized_equals_dense_loss():
 @pytest.mark.skipif(not NATIVE, reason="native op not built")
 def test_opcheck_and_compile():
     student, indices, logprobs = topk_teacher((4, 50), 5, "cpu")
-    op = torch.ops.kdplug.kd_kl_topk_fwd.default
+    op = torch.ops.kdplug.kd_loss_topk_fwd.default
     mask = torch.tensor([True, False, True, True])
-    torch.library.opcheck(op, (student.clone().requires_grad_(), indices, logprobs, 2.0, None,
-                               2, False))
-    torch.library.opcheck(op, (student.clone().requires_grad_(), indices, logprobs, 0.7, mask,
-                               0, True))
+    labels = torch.tensor([3, 0, -100, 49])
+    torch.library.opcheck(op, (student.clone().requires_grad_(), indices, logprobs, 2.0, 0, 0.5,
+                               None, 1.0, -100, None, 2, False, None, True))
+    for code in (0, 1, 2):
+        torch.library.opcheck(op, (student.clone().requires_grad_(), indices, logprobs, 0.7, code,
+                                   0.3, labels, 0.6, -100, mask, 0, True, None, True))
     fn = torch.compile(lambda s: kd_kl_div_topk(s, indices, logprobs, 2.0, rest="bucket"),
                        fullgraph=True)
     s = student.clone().requires_grad_()
@@ -191,3 +193,76 @@ def test_large_rows_both_bitmaps(device, bitmap, shape, k, monkeypatch):
         (ref_grad,) = torch.autograd.grad(ref_loss, s, grad_out.double().cpu())
         assert_loss_close(loss, ref_loss.detach(), torch.float16)
         assert_grad_close(grad, ref_grad, torch.float16)
+
+
+# ----------------------------------------------------------------------------- other divergences
+
+from test_ops_divergences import NAMES, divergence_reference  # noqa: E402
+from test_ops_divergences import reference as dense_divergence_reference  # noqa: E402
+from kdplug.ops import kd_loss_topk  # noqa: E402
+
+
+def bins_reference(student, indices, logprobs, temperature, name, beta, rest, labels, alpha,
+                   mask):
+    """The divergence over k + 1 bins in float64 (teacher: (1 − r)·softmax(v/T) and r, r = 0 to
+    renormalize; student: its softmax at the k classes and 1 − their sum, floored at 1e-30 inside
+    the log), then α·T²·D + (1 − α)·CE with the batchmean of each term over its own rows."""
+    s = student.detach().double().cpu().requires_grad_()
+    values = logprobs.double().cpu()
+    idx = indices.long().cpu()
+    r = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(0)
+    if rest == "renormalize":
+        r = torch.zeros_like(r)
+    p = torch.cat([(1 - r) * F.softmax(values / temperature, -1), r], -1)
+    q_k = F.softmax(s / temperature, -1).gather(-1, idx)
+    q_rest = 1 - q_k.sum(-1, keepdim=True)
+    q = torch.cat([q_k, q_rest], -1)
+    log_q = torch.cat([q_k.log(), q_rest.clamp_min(1e-30).log()], -1)
+    rows = divergence_reference(p, q, p.log(), log_q, name, beta) * temperature ** 2
+    keep = torch.ones(rows.shape, dtype=torch.bool) if mask is None else mask.cpu()
+    zero = torch.zeros((), dtype=torch.float64)
+    rows = torch.where(keep, rows, zero)
+    loss = rows.sum() / max(int(keep.sum()), 1)
+    if labels is not None and alpha < 1:
+        flat = labels.cpu().reshape(-1)
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), flat.clamp_min(0), reduction="none")
+        counted = keep.reshape(-1) & (flat != -100)
+        ce = torch.where(counted, ce, zero)
+        loss = alpha * loss + (1 - alpha) * ce.sum() / max(int(counted.sum()), 1)
+    return loss, s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, rest", [(n, r) for n in NAMES for r in ("renormalize", "bucket")
+                                        if (n, r) != ("reverse_kl", "renormalize")])  # refused
+@pytest.mark.parametrize("case", [((7, 3), 2), ((41, 1271), 8), ((3, 17, 1000), 32)],
+                         ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1]}")
+def test_divergences_and_fused_ce_match_float64_bins(backend, name, rest, case):
+    shape, k = case
+    student, indices, logprobs = topk_teacher(shape, k, "cpu", seed=len(name))
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(9))
+    labels.view(-1)[::4] = -100
+    mask = (torch.arange(labels.numel()) % 5 != 2).reshape(shape[:-1])
+    for temperature, alpha, dtype in ((1.0, 0.3, torch.float32), (4.0, 1.0, torch.bfloat16),
+                                      (0.5, 0.0, torch.float32)):
+        s = student.to(dtype).clone().requires_grad_()
+        loss = kd_loss_topk(s, indices, logprobs, temperature, divergence=name, beta=0.3,
+                            labels=labels, alpha=alpha, mask=mask, rest=rest, backend=backend)
+        loss.backward(torch.tensor(1.7))
+        ref, ref_s = bins_reference(student.to(dtype).float(), indices, logprobs, temperature,
+                                    name, 0.3, rest, labels, alpha, mask)
+        (ref_grad,) = torch.autograd.grad(ref * 1.7, ref_s)
+        assert_loss_close(loss, ref.detach(), dtype)
+        assert_grad_close(s.grad, ref_grad, dtype)
+        if rest == "renormalize" and alpha == 1.0:  # = the dense divergence, teacher -inf elsewhere
+            dense = torch.full(shape, float("-inf"), dtype=torch.float64)
+            dense.scatter_(-1, indices, logprobs.double())
+            want = dense_divergence_reference(student.to(dtype).double(), dense, temperature,
+                                              name, beta=0.3, mask=mask)
+            assert_loss_close(loss, want, dtype)
+
+
+def test_reverse_kl_against_a_renormalized_teacher_is_refused():
+    student, indices, logprobs = topk_teacher((3, 10), 4, "cpu")
+    with pytest.raises(ValueError, match=r"reverse_kl.*renormalized.*use rest='bucket'"):
+        kd_loss_topk(student, indices, logprobs, divergence="reverse_kl")

@@ -12,16 +12,19 @@
 
 namespace kdplug {
 
-using KdKlFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor& student, const at::Tensor& teacher, double temperature,
-    const c10::optional<at::Tensor>& mask, int64_t reduction, bool teacher_grad);
-KD_DECLARE_CPU_KERNEL(kd_kl_fwd_kernel, KdKlFwd);
-KD_DECLARE_CPU_KERNEL(kd_kl_fwd_portable_kernel, KdKlFwd);
+using KdLossFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, int64_t divergence,
+    double beta, const c10::optional<at::Tensor>& labels, double alpha, int64_t ignore_index,
+    const c10::optional<at::Tensor>& mask, int64_t reduction,
+    const c10::optional<at::Tensor>& scales, bool student_grad, bool teacher_grad);
+KD_DECLARE_CPU_KERNEL(kd_loss_fwd_kernel, KdLossFwd);
+KD_DECLARE_CPU_KERNEL(kd_loss_fwd_portable_kernel, KdLossFwd);
 
-using KdKlTopkFwd = std::tuple<at::Tensor, at::Tensor>(
+using KdLossTopkFwd = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& student, const at::Tensor& indices, const at::Tensor& values,
-    double temperature, const c10::optional<at::Tensor>& mask, int64_t reduction,
-    bool rest_bucket);
-KD_DECLARE_CPU_KERNEL(kd_kl_topk_fwd_kernel, KdKlTopkFwd);
+    double temperature, int64_t divergence, double beta, const c10::optional<at::Tensor>& labels,
+    double alpha, int64_t ignore_index, const c10::optional<at::Tensor>& mask, int64_t reduction,
+    bool rest_bucket, const c10::optional<at::Tensor>& scales, bool student_grad);
+KD_DECLARE_CPU_KERNEL(kd_loss_topk_fwd_kernel, KdLossTopkFwd);
 
 }  // namespace kdplug

@@ -1,4 +1,4 @@
-// Host interface of kdplug's CUDA kernel for kd_kl_fwd (kd_loss_kernel.cu).
+// Host interface of kdplug's CUDA kernel for kd_loss_fwd (kd_loss_kernel.cu).
 //
 // Free of torch headers: the .cu compiles against the CUDA runtime alone, and the torch glue
 // (kd_loss_cuda.cpp) only passes raw pointers, the plan and the stream. See README.md here.
@@ -33,7 +33,8 @@ constexpr int kSplitMinVecsPerThread = 4; // kSplit: a chunk holds at least this
 constexpr int kSplitBlocksPerSm = 4;      // kSplit: aim at this many blocks per SM in all
 constexpr int kSplitRowsPerSm = 2;        // kSplit (auto) only while rows < this * SMs
 constexpr int64_t kMaxCols = int64_t(1) << 30;  // in-row indices are 32-bit
-constexpr int kStatsFloats = 5;           // floats of one kdplug::RowStats in the workspace
+constexpr int kStatsFloats = 7;           // floats of one KdStats (RowStats + LseT) in the workspace
+constexpr int kTermsFloats = 3;           // floats of one RowTerms (mixture divergences' 2nd pass)
 
 struct KdPlan {
   KdPath path = KdPath::kBlock;  // never kAuto
@@ -41,7 +42,8 @@ struct KdPlan {
   int group = 0;                 // kGroup: lanes per row (8 or 32)
   int64_t splits = 1;            // kSplit: blocks per row
   int64_t chunk = 0;             // kSplit: classes per block (the last block may get fewer)
-  int64_t workspace_floats = 0;  // float32 scratch the launch needs (kSplit: rows*splits*5)
+  int64_t workspace_floats = 0;  // float32 scratch the launch needs (kSplit: rows*splits*7,
+                                 // + rows*splits*3 for the mixture divergences)
 };
 
 inline int64_t kd_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -49,8 +51,9 @@ inline int64_t kd_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The launch layout for rows x cols logits of dtype on a GPU with sm_count SMs. `force` and
 // `force_splits` (> 0) override the choice, for tests that must reach every path at small sizes.
 // Pure arithmetic: no CUDA call, usable on any host.
-inline KdPlan plan_kd_kl_fwd(KdDType dtype, int64_t rows, int64_t cols, int sm_count,
-                             KdPath force = KdPath::kAuto, int64_t force_splits = 0) {
+inline KdPlan plan_kd_loss_fwd(KdDType dtype, int64_t rows, int64_t cols, int sm_count,
+                              bool mixture, KdPath force = KdPath::kAuto,
+                              int64_t force_splits = 0) {
   const int64_t vec = 16 / kd_dtype_bytes(dtype);  // elements per 16-byte vector
   const int64_t sms = sm_count > 0 ? sm_count : 1;
   const int64_t min_chunk = int64_t(kSplitThreads) * vec * kSplitMinVecsPerThread;
@@ -89,24 +92,36 @@ inline KdPlan plan_kd_kl_fwd(KdDType dtype, int64_t rows, int64_t cols, int sm_c
       // Chunks of a whole number of vectors keep every chunk of an aligned row aligned.
       plan.chunk = kd_ceil_div(kd_ceil_div(cols, splits), vec) * vec;
       plan.splits = kd_ceil_div(cols, plan.chunk);
-      plan.workspace_floats = rows * plan.splits * kStatsFloats;
+      plan.workspace_floats = rows * plan.splits * (kStatsFloats + (mixture ? kTermsFloats : 0));
       break;
     }
   }
   return plan;
 }
 
-// Launches kd_kl_fwd on `stream` (asynchronous). Inputs: student, teacher [rows, cols] contiguous,
-// of `dtype`; mask [rows] or nullptr; row_scale: a float32 device scalar (1, or 1/counted rows)
-// read by the kernel. Outputs: loss_rows float32 [rows] (T^2 * KL per row, 0 where masked,
-// unscaled); grad_student [rows, cols] of dtype (row_scale * T * (q - p)); grad_teacher likewise
-// or nullptr (then no teacher gradient is computed). workspace: plan.workspace_floats floats of
-// device memory (nullptr when 0). Returns nullptr on success, else an error message (static).
-const char* launch_kd_kl_fwd(const KdPlan& plan, KdDType dtype, const void* student,
-                             const void* teacher, const bool* mask, int64_t rows, int64_t cols,
-                             double temperature, const float* row_scale, float* loss_rows,
-                             void* grad_student, void* grad_teacher, float* workspace,
-                             int64_t workspace_floats, cudaStream_t stream);
+// One call of kd_loss_fwd for the launcher: device pointers and the op's arguments.
+struct KdLaunch {
+  const void* student;        // [rows, cols] contiguous, of the launch's dtype
+  const void* teacher;
+  const bool* mask;           // [rows] or nullptr
+  const int64_t* labels;      // [rows] or nullptr: no hard-label term
+  const float* scales;        // device float32 [2]: the reduction's factors (kd, ce)
+  float* loss_rows;           // [rows]: each row's loss with its factors (0 where masked)
+  void* grad_student;         // [rows, cols] of dtype, or nullptr: not wanted
+  void* grad_teacher;         // likewise (nullptr: no teacher gradient is computed)
+  float* workspace;           // plan.workspace_floats floats of device memory (nullptr when 0)
+  int64_t workspace_floats;
+  int64_t rows, cols, ignore_index;
+  double temperature, beta, alpha;
+  int divergence;             // kd_math.h's code
+};
+
+// Launches kd_loss_fwd on `stream` (asynchronous): per row the loss of kd_math.h,
+// alpha*kd_scale*T^2*D + (1-alpha)*ce_scale*CE, and its gradients, written in the same pass.
+// A label outside [0, cols) that is not ignore_index makes its row NaN (never an out-of-bounds
+// read). Returns nullptr on success, else an error message (static).
+const char* launch_kd_loss_fwd(const KdPlan& plan, KdDType dtype, const KdLaunch& a,
+                               cudaStream_t stream);
 
 }  // namespace kd_cuda
 }  // namespace kdplug

@@ -1,13 +1,19 @@
-// CUDA kernels of kdplug::kd_kl_fwd: thread layouts and cross-thread reductions of the row
+// CUDA kernels of kdplug::kd_loss_fwd: thread layouts and cross-thread reductions of the row
 // statistics. The arithmetic is kd_math.h's; the per-thread loops are kd_loss_thread.cuh's.
-// Only the CUDA runtime is included here (no ATen), so this file compiles in about a minute.
+// Only the CUDA runtime is included here (no ATen).
 //
-// Paths (chosen by plan_kd_kl_fwd in kd_loss_cuda.h; README.md explains them):
+// Paths (chosen by plan_kd_loss_fwd in kd_loss_cuda.h; README.md explains them):
 //   kd_group_kernel        8 or 32 lanes per row, 256 threads per block, grid-stride over rows
 //   kd_block_kernel        a block (256 or 512 threads) per row, grid-stride over rows
 //   kd_split_stats_kernel  block (row, split): statistics of its chunk -> workspace
-//   kd_split_grads_kernel  block (row, split): merge the row's partials -> loss and its chunk's grads
+//   kd_split_terms_kernel  (mixture divergences) block (row, split): merge the row's statistics,
+//                          its chunk's Σφ, Gq, Gp -> workspace
+//   kd_split_grads_kernel  block (row, split): merge the row's partials -> loss and its chunk's
+//                          gradients
+// Every kernel is a template over the divergence's kind (kd_math.h: kl, reverse_kl, or the
+// mixture divergences, which take one more pass over the row for their terms).
 #include <stdint.h>
+#include <string.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,7 +27,8 @@ namespace kdplug {
 namespace kd_cuda {
 namespace {
 
-static_assert(sizeof(RowStats) == kStatsFloats * sizeof(float), "RowStats is 5 floats");
+static_assert(sizeof(KdStats) == kStatsFloats * sizeof(float), "KdStats is 7 floats");
+static_assert(sizeof(RowTermsT<float>) == kTermsFloats * sizeof(float), "RowTerms is 3 floats");
 
 // kd_group_kernel: at least 4 blocks of 256 threads per SM (caps registers at 64 per thread).
 constexpr int kGroupMinBlocksPerSm = 4;
@@ -31,81 +38,109 @@ struct KdArgs {
   const T* student;
   const T* teacher;
   const bool* mask;       // nullptr: every row counts
-  T* grad_student;
-  T* grad_teacher;        // nullptr unless HAS_GT
-  const float* row_scale; // device scalar
+  const int64_t* labels;  // nullptr: no hard-label term
+  T* grad_student;        // nullptr: not wanted
+  T* grad_teacher;        // nullptr: not wanted
+  const float* scales;    // device [2]: the reduction's factors (kd, ce)
   float* loss_rows;
   int64_t rows;
+  int64_t ignore_index;
   int cols;
-  float temperature;
-  float inv_t;
+  double temperature, alpha;
+  KdParams p;
 };
 
-// ---- cross-thread reductions of RowStats -------------------------------------------------------
+// The launch's coefficients (kd_math.h's term_coefs, from the device scales).
+template <typename T>
+__device__ __forceinline__ TermCoefsT<float> kd_coefs(const KdArgs<T>& a) {
+  return term_coefs<float>(a.temperature, a.alpha, a.scales[0], a.scales[1]);
+}
 
-__device__ __forceinline__ RowStats kd_shfl_xor(const RowStats& v, int lane_mask, unsigned mask,
-                                                int width) {
-  RowStats o;
-  o.max_x = __shfl_xor_sync(mask, v.max_x, lane_mask, width);
-  o.sum_x = __shfl_xor_sync(mask, v.sum_x, lane_mask, width);
-  o.max_y = __shfl_xor_sync(mask, v.max_y, lane_mask, width);
-  o.sum_y = __shfl_xor_sync(mask, v.sum_y, lane_mask, width);
-  o.cross = __shfl_xor_sync(mask, v.cross, lane_mask, width);
+// ---- cross-thread reductions of structs of floats --------------------------------------------
+
+template <typename S>
+__device__ __forceinline__ S kd_shfl_xor(const S& v, int lane_mask, unsigned mask, int width) {
+  constexpr int kN = sizeof(S) / sizeof(float);
+  float in[kN];
+  float out[kN];
+  memcpy(in, &v, sizeof(S));
+#pragma unroll
+  for (int i = 0; i < kN; ++i) out[i] = __shfl_xor_sync(mask, in[i], lane_mask, width);
+  S o;
+  memcpy(&o, out, sizeof(S));
   return o;
 }
 
-__device__ __forceinline__ RowStats kd_shfl(const RowStats& v, int src_lane, unsigned mask,
-                                            int width) {
-  RowStats o;
-  o.max_x = __shfl_sync(mask, v.max_x, src_lane, width);
-  o.sum_x = __shfl_sync(mask, v.sum_x, src_lane, width);
-  o.max_y = __shfl_sync(mask, v.max_y, src_lane, width);
-  o.sum_y = __shfl_sync(mask, v.sum_y, src_lane, width);
-  o.cross = __shfl_sync(mask, v.cross, src_lane, width);
+template <typename S>
+__device__ __forceinline__ S kd_shfl(const S& v, int src_lane, unsigned mask, int width) {
+  constexpr int kN = sizeof(S) / sizeof(float);
+  float in[kN];
+  float out[kN];
+  memcpy(in, &v, sizeof(S));
+#pragma unroll
+  for (int i = 0; i < kN; ++i) out[i] = __shfl_sync(mask, in[i], src_lane, width);
+  S o;
+  memcpy(&o, out, sizeof(S));
   return o;
 }
+
+// How partial results of a row merge: KdStats by the divergence's kind, RowTerms by a sum.
+template <int KIND>
+struct KdMergeStats {
+  __device__ __forceinline__ KdStats operator()(const KdStats& a, const KdStats& b) const {
+    return kd_stats_merge<KIND>(a, b);
+  }
+  static __device__ __forceinline__ KdStats empty() { return kd_stats_empty(); }
+};
+
+struct KdMergeTerms {
+  __device__ __forceinline__ RowTermsT<float> operator()(const RowTermsT<float>& a,
+                                                         const RowTermsT<float>& b) const {
+    return row_terms_merge(a, b);
+  }
+  static __device__ __forceinline__ RowTermsT<float> empty() { return row_terms_empty<float>(); }
+};
 
 // Butterfly over a group of G lanes (G a power of two, the group G-aligned within its warp, every
 // lane named in `mask` taking part). Lane 0 of the group holds the merge of all G.
-template <int G>
-__device__ __forceinline__ RowStats kd_group_reduce(RowStats v, unsigned mask) {
+template <int G, typename S, typename M>
+__device__ __forceinline__ S kd_group_reduce(S v, unsigned mask, M merge) {
 #pragma unroll
-  for (int off = G / 2; off > 0; off >>= 1) v = row_stats_merge(v, kd_shfl_xor(v, off, mask, G));
+  for (int off = G / 2; off > 0; off >>= 1) v = merge(v, kd_shfl_xor(v, off, mask, G));
   return v;
 }
 
 // As kd_group_reduce, then every lane takes lane 0's value: merge(a, b) and merge(b, a) may round
-// differently (FMA contraction), and all lanes of a row must use the very same statistics.
-template <int G>
-__device__ __forceinline__ RowStats kd_group_allreduce(RowStats v, unsigned mask) {
-  return kd_shfl(kd_group_reduce<G>(v, mask), 0, mask, G);
+// differently (FMA contraction), and all lanes of a row must use the very same values.
+template <int G, typename S, typename M>
+__device__ __forceinline__ S kd_group_allreduce(S v, unsigned mask, M merge) {
+  return kd_shfl(kd_group_reduce<G>(v, mask, merge), 0, mask, G);
 }
 
 // Block-wide merge; the result is valid in thread 0 only. All THREADS threads must call it.
 // warp_sh: THREADS/32 entries, read by warp 0 after the __syncthreads here: a caller that calls
 // again with the same warp_sh must put a __syncthreads between the calls (kd_block_allreduce has
-// one; kd_split_stats_kernel calls once).
-template <int THREADS>
-__device__ __forceinline__ RowStats kd_block_reduce(RowStats v, RowStats* warp_sh) {
+// one).
+template <int THREADS, typename S, typename M>
+__device__ __forceinline__ S kd_block_reduce(S v, S* warp_sh, M merge) {
   constexpr int kWarps = THREADS / 32;
   static_assert(THREADS % 32 == 0 && kWarps <= 32, "block of 32..1024 threads, whole warps");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  v = kd_group_reduce<32>(v, 0xffffffffu);
+  v = kd_group_reduce<32>(v, 0xffffffffu, merge);
   if (lane == 0) warp_sh[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kWarps ? warp_sh[lane] : row_stats_empty();
-    v = kd_group_reduce<32>(v, 0xffffffffu);
+    v = lane < kWarps ? warp_sh[lane] : M::empty();
+    v = kd_group_reduce<32>(v, 0xffffffffu, merge);
   }
   return v;
 }
 
 // Block-wide merge, the same result in every thread.
-template <int THREADS>
-__device__ __forceinline__ RowStats kd_block_allreduce(RowStats v, RowStats* warp_sh,
-                                                       RowStats* row_sh) {
-  v = kd_block_reduce<THREADS>(v, warp_sh);
+template <int THREADS, typename S, typename M>
+__device__ __forceinline__ S kd_block_allreduce(S v, S* warp_sh, S* row_sh, M merge) {
+  v = kd_block_reduce<THREADS>(v, warp_sh, merge);
   if (threadIdx.x == 0) *row_sh = v;
   __syncthreads();
   // No race with the next call: it writes warp_sh after this __syncthreads, which warp 0 passed
@@ -114,11 +149,21 @@ __device__ __forceinline__ RowStats kd_block_allreduce(RowStats v, RowStats* war
   return *row_sh;
 }
 
+// Every warp merges `n` partials in the same order: all blocks of a row get bit-identical values
+// without a __syncthreads.
+template <typename S, typename M>
+__device__ __forceinline__ S kd_warp_merge_partials(const S* partials, int n, M merge) {
+  const int lane = threadIdx.x & 31;
+  S v = M::empty();
+  for (int i = lane; i < n; i += 32) v = merge(v, partials[i]);
+  return kd_group_allreduce<32>(v, 0xffffffffu, merge);
+}
+
 // ---- kernels --------------------------------------------------------------------------------
 
 // G lanes per row; kGroupBlockThreads/G rows per block; grid-stride over rows. Groups of one warp
 // may work on different rows (or be done): every shuffle names only its group's lanes.
-template <typename T, int VEC, int G, bool HAS_GT>
+template <typename T, int VEC, int G, int KIND>
 __global__ void __launch_bounds__(kGroupBlockThreads, kGroupMinBlocksPerSm)
     kd_group_kernel(const KdArgs<T> a) {
   static_assert(G == 8 || G == 16 || G == 32, "group of 8, 16 or 32 lanes");
@@ -127,84 +172,134 @@ __global__ void __launch_bounds__(kGroupBlockThreads, kGroupMinBlocksPerSm)
   const unsigned warp_lane = threadIdx.x & 31u;
   const unsigned mask =
       G == 32 ? 0xffffffffu : (((1u << (G % 32)) - 1u) << (warp_lane & ~unsigned(G - 1)));
-  const float ts = a.temperature * *a.row_scale;
+  const TermCoefsT<float> coefs = kd_coefs(a);
   const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / G; row < a.rows;
        row += stride) {
     const int64_t off = row * a.cols;
     const T* s = a.student + off;
     const T* t = a.teacher + off;
-    T* gs = a.grad_student + off;
-    T* gt = HAS_GT ? a.grad_teacher + off : nullptr;
+    T* gs = a.grad_student != nullptr ? a.grad_student + off : nullptr;
+    T* gt = a.grad_teacher != nullptr ? a.grad_teacher + off : nullptr;
     const KdSegment seg = kd_segment<T, VEC>(s, 0, a.cols);
     if (a.mask != nullptr && !a.mask[row]) {  // the same for the whole group
-      kd_thread_zero<T, VEC, HAS_GT>(gs, gt, seg, lane, G);
+      kd_thread_fill<T, VEC>(gs, gt, seg, lane, G, 0.f);
       if (lane == 0) a.loss_rows[row] = 0.f;
       continue;
     }
-    RowStats st = kd_thread_stats<T, VEC>(s, t, seg, lane, G, a.inv_t);
-    st = kd_group_allreduce<G>(st, mask);
-    const RowResult res = row_result(st);
-    kd_thread_grads<T, VEC, HAS_GT>(s, t, gs, gt, seg, lane, G, a.inv_t, res, ts);
-    if (lane == 0) a.loss_rows[row] = a.temperature * a.temperature * res.loss_over_t2;
+    KdStats st = kd_thread_stats<KIND, T, VEC>(s, t, seg, lane, G, a.p);
+    st = kd_group_allreduce<G>(st, mask, KdMergeStats<KIND>());
+    KdRow r;
+    const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
+    if (!kd_row_begin<KIND>(st, a.p, coefs, label, r)) {  // the same for the whole group
+      kd_thread_fill<T, VEC>(gs, gt, seg, lane, G, NAN);
+      if (lane == 0) a.loss_rows[row] = NAN;
+      continue;
+    }
+    if constexpr (KIND == kMixture) {
+      r.terms = kd_group_allreduce<G>(kd_thread_terms<T, VEC>(s, t, seg, lane, G, a.p, r.res),
+                                      mask, KdMergeTerms());
+    }
+    if (gs != nullptr || gt != nullptr) {
+      kd_thread_grads<KIND, T, VEC>(s, t, gs, gt, seg, lane, G, a.p, r);
+    }
+    if (lane == 0) a.loss_rows[row] = kd_row_loss(r, s);
   }
 }
 
 // A block of THREADS per row; grid-stride over rows (every thread of the block runs the same
 // rows, so the __syncthreads inside are reached by all).
-template <typename T, int VEC, int THREADS, bool HAS_GT>
+template <typename T, int VEC, int THREADS, int KIND>
 __global__ void __launch_bounds__(THREADS) kd_block_kernel(const KdArgs<T> a) {
-  __shared__ RowStats warp_sh[THREADS / 32];
-  __shared__ RowStats row_sh;
-  const float ts = a.temperature * *a.row_scale;
+  __shared__ KdStats stats_warp_sh[THREADS / 32];
+  __shared__ KdStats stats_sh;
+  __shared__ RowTermsT<float> terms_warp_sh[THREADS / 32];
+  __shared__ RowTermsT<float> terms_sh;
+  const TermCoefsT<float> coefs = kd_coefs(a);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t off = row * a.cols;
     const T* s = a.student + off;
     const T* t = a.teacher + off;
-    T* gs = a.grad_student + off;
-    T* gt = HAS_GT ? a.grad_teacher + off : nullptr;
+    T* gs = a.grad_student != nullptr ? a.grad_student + off : nullptr;
+    T* gt = a.grad_teacher != nullptr ? a.grad_teacher + off : nullptr;
     const KdSegment seg = kd_segment<T, VEC>(s, 0, a.cols);
     if (a.mask != nullptr && !a.mask[row]) {  // the same for the whole block: no sync skipped
-      kd_thread_zero<T, VEC, HAS_GT>(gs, gt, seg, threadIdx.x, THREADS);
+      kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, THREADS, 0.f);
       if (threadIdx.x == 0) a.loss_rows[row] = 0.f;
       continue;
     }
-    RowStats st = kd_thread_stats<T, VEC>(s, t, seg, threadIdx.x, THREADS, a.inv_t);
-    st = kd_block_allreduce<THREADS>(st, warp_sh, &row_sh);
-    const RowResult res = row_result(st);
-    kd_thread_grads<T, VEC, HAS_GT>(s, t, gs, gt, seg, threadIdx.x, THREADS, a.inv_t, res, ts);
-    if (threadIdx.x == 0) a.loss_rows[row] = a.temperature * a.temperature * res.loss_over_t2;
+    KdStats st = kd_thread_stats<KIND, T, VEC>(s, t, seg, threadIdx.x, THREADS, a.p);
+    st = kd_block_allreduce<THREADS>(st, stats_warp_sh, &stats_sh, KdMergeStats<KIND>());
+    KdRow r;
+    const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
+    if (!kd_row_begin<KIND>(st, a.p, coefs, label, r)) {  // the same for the whole block
+      kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, THREADS, NAN);
+      if (threadIdx.x == 0) a.loss_rows[row] = NAN;
+      continue;
+    }
+    if constexpr (KIND == kMixture) {
+      r.terms = kd_block_allreduce<THREADS>(
+          kd_thread_terms<T, VEC>(s, t, seg, threadIdx.x, THREADS, a.p, r.res), terms_warp_sh,
+          &terms_sh, KdMergeTerms());
+    }
+    if (gs != nullptr || gt != nullptr) {
+      kd_thread_grads<KIND, T, VEC>(s, t, gs, gt, seg, threadIdx.x, THREADS, a.p, r);
+    }
+    if (threadIdx.x == 0) a.loss_rows[row] = kd_row_loss(r, s);
   }
 }
 
-// Split path, first kernel: block (row = blockIdx.x, split = blockIdx.y) writes the RowStats of
-// classes [split*chunk, min((split+1)*chunk, cols)) to partials[row*splits + split].
-// Masked rows write nothing (the second kernel does not read their partials).
-template <typename T, int VEC>
+// Split path, first kernel: block (row = blockIdx.x, split = blockIdx.y) writes the KdStats of
+// classes [split*chunk, min((split+1)*chunk, cols)) to stats[row*splits + split].
+// Masked rows write nothing (the other kernels do not read their partials).
+template <typename T, int VEC, int KIND>
 __global__ void __launch_bounds__(kSplitThreads)
-    kd_split_stats_kernel(const KdArgs<T> a, int splits, int chunk, RowStats* partials) {
-  __shared__ RowStats warp_sh[kSplitThreads / 32];
+    kd_split_stats_kernel(const KdArgs<T> a, int splits, int chunk, KdStats* stats) {
+  __shared__ KdStats warp_sh[kSplitThreads / 32];
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   if (a.mask != nullptr && !a.mask[row]) return;  // whole block
   const int begin = split * chunk;                // < cols: splits = ceil(cols / chunk)
   const int end = min(begin + chunk, a.cols);
   const int64_t off = row * a.cols;
-  const T* s = a.student + off;
-  const T* t = a.teacher + off;
-  const KdSegment seg = kd_segment<T, VEC>(s, begin, end);
-  RowStats st = kd_thread_stats<T, VEC>(s, t, seg, threadIdx.x, kSplitThreads, a.inv_t);
-  st = kd_block_reduce<kSplitThreads>(st, warp_sh);
-  if (threadIdx.x == 0) partials[row * splits + split] = st;
+  const KdSegment seg = kd_segment<T, VEC>(a.student + off, begin, end);
+  KdStats st =
+      kd_thread_stats<KIND, T, VEC>(a.student + off, a.teacher + off, seg, threadIdx.x,
+                                    kSplitThreads, a.p);
+  st = kd_block_reduce<kSplitThreads>(st, warp_sh, KdMergeStats<KIND>());
+  if (threadIdx.x == 0) stats[row * splits + split] = st;
 }
 
-// Split path, second kernel: every warp merges the row's `splits` partials in the same order (so
-// every block of the row gets bit-identical statistics without a __syncthreads), then the block
+// Split path, mixture divergences: every warp merges the row's statistics (kd_warp_merge_partials),
+// then the block writes its chunk's Σφ, Gq, Gp to terms[row*splits + split].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kSplitThreads)
+    kd_split_terms_kernel(const KdArgs<T> a, int splits, int chunk, const KdStats* stats,
+                          RowTermsT<float>* terms) {
+  __shared__ RowTermsT<float> warp_sh[kSplitThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  if (a.mask != nullptr && !a.mask[row]) return;
+  const int begin = split * chunk;
+  const int end = min(begin + chunk, a.cols);
+  const int64_t off = row * a.cols;
+  const KdStats st =
+      kd_warp_merge_partials(stats + row * splits, splits, KdMergeStats<kMixture>());
+  const RowResult res = row_result(st.st);
+  const KdSegment seg = kd_segment<T, VEC>(a.student + off, begin, end);
+  RowTermsT<float> part = kd_thread_terms<T, VEC>(a.student + off, a.teacher + off, seg,
+                                                  threadIdx.x, kSplitThreads, a.p, res);
+  part = kd_block_reduce<kSplitThreads>(part, warp_sh, KdMergeTerms());
+  if (threadIdx.x == 0) terms[row * splits + split] = part;
+}
+
+// Split path, last kernel: every warp merges the row's partials in the same order, then the block
 // writes its chunk's gradients; split 0 writes the row's loss. Blocks run in the reverse order
 // of the first kernel, so the chunks read last there (most likely still in L2) are read first.
-template <typename T, int VEC, bool HAS_GT>
+template <typename T, int VEC, int KIND>
 __global__ void __launch_bounds__(kSplitThreads)
-    kd_split_grads_kernel(const KdArgs<T> a, int splits, int chunk, const RowStats* partials) {
+    kd_split_grads_kernel(const KdArgs<T> a, int splits, int chunk, const KdStats* stats,
+                          const RowTermsT<float>* terms) {
   const int64_t row = a.rows - 1 - int64_t(blockIdx.x);
   const int split = splits - 1 - int(blockIdx.y);
   const int begin = split * chunk;
@@ -212,26 +307,29 @@ __global__ void __launch_bounds__(kSplitThreads)
   const int64_t off = row * a.cols;
   const T* s = a.student + off;
   const T* t = a.teacher + off;
-  T* gs = a.grad_student + off;
-  T* gt = HAS_GT ? a.grad_teacher + off : nullptr;
+  T* gs = a.grad_student != nullptr ? a.grad_student + off : nullptr;
+  T* gt = a.grad_teacher != nullptr ? a.grad_teacher + off : nullptr;
   const KdSegment seg = kd_segment<T, VEC>(s, begin, end);
   if (a.mask != nullptr && !a.mask[row]) {
-    kd_thread_zero<T, VEC, HAS_GT>(gs, gt, seg, threadIdx.x, kSplitThreads);
+    kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, kSplitThreads, 0.f);
     if (split == 0 && threadIdx.x == 0) a.loss_rows[row] = 0.f;
     return;
   }
-  const int lane = threadIdx.x & 31;
-  const RowStats* p = partials + row * splits;
-  RowStats st = row_stats_empty();
-  for (int i = lane; i < splits; i += 32) st = row_stats_merge(st, p[i]);
-  st = kd_group_allreduce<32>(st, 0xffffffffu);
-  const RowResult res = row_result(st);
-  const float ts = a.temperature * *a.row_scale;
-  kd_thread_grads<T, VEC, HAS_GT>(s, t, gs, gt, seg, threadIdx.x, kSplitThreads, a.inv_t, res,
-                                  ts);
-  if (split == 0 && threadIdx.x == 0) {
-    a.loss_rows[row] = a.temperature * a.temperature * res.loss_over_t2;
+  const KdStats st = kd_warp_merge_partials(stats + row * splits, splits, KdMergeStats<KIND>());
+  KdRow r;
+  const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
+  if (!kd_row_begin<KIND>(st, a.p, kd_coefs(a), label, r)) {
+    kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, kSplitThreads, NAN);
+    if (split == 0 && threadIdx.x == 0) a.loss_rows[row] = NAN;
+    return;
   }
+  if constexpr (KIND == kMixture) {
+    r.terms = kd_warp_merge_partials(terms + row * splits, splits, KdMergeTerms());
+  }
+  if (gs != nullptr || gt != nullptr) {
+    kd_thread_grads<KIND, T, VEC>(s, t, gs, gt, seg, threadIdx.x, kSplitThreads, a.p, r);
+  }
+  if (split == 0 && threadIdx.x == 0) a.loss_rows[row] = kd_row_loss(r, s);
 }
 
 // ---- launch ---------------------------------------------------------------------------------
@@ -244,7 +342,7 @@ const char* kd_last_error() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-template <typename T, int VEC, bool HAS_GT>
+template <typename T, int VEC, int KIND>
 const char* kd_launch(const KdPlan& plan, const KdArgs<T>& a, float* workspace,
                       int64_t workspace_floats, cudaStream_t stream) {
   switch (plan.path) {
@@ -253,119 +351,135 @@ const char* kd_launch(const KdPlan& plan, const KdArgs<T>& a, float* workspace,
       const int64_t blocks = kd_ceil_div(a.rows, rows_per_block);
       const dim3 grid(static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX));
       if (plan.group == 8) {
-        kd_group_kernel<T, VEC, 8, HAS_GT><<<grid, kGroupBlockThreads, 0, stream>>>(a);
+        kd_group_kernel<T, VEC, 8, KIND><<<grid, kGroupBlockThreads, 0, stream>>>(a);
       } else if (plan.group == 32) {
-        kd_group_kernel<T, VEC, 32, HAS_GT><<<grid, kGroupBlockThreads, 0, stream>>>(a);
+        kd_group_kernel<T, VEC, 32, KIND><<<grid, kGroupBlockThreads, 0, stream>>>(a);
       } else {
-        return "kd_kl_fwd: bad plan (group must be 8 or 32 lanes)";
+        return "kd_loss_fwd: bad plan (group must be 8 or 32 lanes)";
       }
       return kd_last_error();
     }
     case KdPath::kBlock: {
       const dim3 grid(static_cast<unsigned>(a.rows < kMaxGridX ? a.rows : kMaxGridX));
       if (plan.threads == kBlockThreadsSmall) {
-        kd_block_kernel<T, VEC, kBlockThreadsSmall, HAS_GT>
+        kd_block_kernel<T, VEC, kBlockThreadsSmall, KIND>
             <<<grid, kBlockThreadsSmall, 0, stream>>>(a);
       } else if (plan.threads == kBlockThreadsLarge) {
-        kd_block_kernel<T, VEC, kBlockThreadsLarge, HAS_GT>
+        kd_block_kernel<T, VEC, kBlockThreadsLarge, KIND>
             <<<grid, kBlockThreadsLarge, 0, stream>>>(a);
       } else {
-        return "kd_kl_fwd: bad plan (block size)";
+        return "kd_loss_fwd: bad plan (block size)";
       }
       return kd_last_error();
     }
     case KdPath::kSplit: {
       if (plan.chunk < 1 || plan.splits < 1 || plan.splits > kMaxGridY ||
           plan.splits != kd_ceil_div(a.cols, plan.chunk)) {
-        return "kd_kl_fwd: bad plan (splits and chunk do not cover the row)";
+        return "kd_loss_fwd: bad plan (splits and chunk do not cover the row)";
       }
-      if (a.rows > kMaxGridX) return "kd_kl_fwd: too many rows for the split layout";
-      if (workspace == nullptr || workspace_floats < a.rows * plan.splits * kStatsFloats) {
-        return "kd_kl_fwd: the split layout needs a workspace of rows*splits*5 floats";
+      if (a.rows > kMaxGridX) return "kd_loss_fwd: too many rows for the split layout";
+      const int64_t partials = a.rows * plan.splits;
+      const int64_t needed =
+          partials * (kStatsFloats + (KIND == kMixture ? kTermsFloats : 0));
+      if (workspace == nullptr || workspace_floats < needed) {
+        return "kd_loss_fwd: the split layout needs a workspace of plan.workspace_floats floats";
       }
       const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(plan.splits));
       const int splits = static_cast<int>(plan.splits);
       const int chunk = static_cast<int>(plan.chunk);
-      RowStats* partials = reinterpret_cast<RowStats*>(workspace);
-      kd_split_stats_kernel<T, VEC><<<grid, kSplitThreads, 0, stream>>>(a, splits, chunk, partials);
+      KdStats* stats = reinterpret_cast<KdStats*>(workspace);
+      RowTermsT<float>* terms =
+          reinterpret_cast<RowTermsT<float>*>(workspace + partials * kStatsFloats);
+      kd_split_stats_kernel<T, VEC, KIND>
+          <<<grid, kSplitThreads, 0, stream>>>(a, splits, chunk, stats);
       if (const char* err = kd_last_error()) return err;
-      kd_split_grads_kernel<T, VEC, HAS_GT>
-          <<<grid, kSplitThreads, 0, stream>>>(a, splits, chunk, partials);
+      if constexpr (KIND == kMixture) {
+        kd_split_terms_kernel<T, VEC>
+            <<<grid, kSplitThreads, 0, stream>>>(a, splits, chunk, stats, terms);
+        if (const char* err = kd_last_error()) return err;
+      }
+      kd_split_grads_kernel<T, VEC, KIND>
+          <<<grid, kSplitThreads, 0, stream>>>(a, splits, chunk, stats, terms);
       return kd_last_error();
     }
     default:
-      return "kd_kl_fwd: bad plan (unknown path)";
+      return "kd_loss_fwd: bad plan (unknown path)";
+  }
+}
+
+template <typename T, int VEC>
+const char* kd_launch_kind(const KdPlan& plan, const KdArgs<T>& a, const KdLaunch& l,
+                           cudaStream_t stream) {
+  switch (divergence_kind(l.divergence)) {
+    case kKL:
+      return kd_launch<T, VEC, kKL>(plan, a, l.workspace, l.workspace_floats, stream);
+    case kReverseKL:
+      return kd_launch<T, VEC, kReverseKL>(plan, a, l.workspace, l.workspace_floats, stream);
+    default:
+      return kd_launch<T, VEC, kMixture>(plan, a, l.workspace, l.workspace_floats, stream);
   }
 }
 
 template <typename T>
-const char* kd_launch_typed(const KdPlan& plan, const void* student, const void* teacher,
-                            const bool* mask, int64_t rows, int64_t cols, double temperature,
-                            const float* row_scale, float* loss_rows, void* grad_student,
-                            void* grad_teacher, float* workspace, int64_t workspace_floats,
-                            cudaStream_t stream) {
+const char* kd_launch_typed(const KdPlan& plan, const KdLaunch& l, cudaStream_t stream) {
   KdArgs<T> a;
-  a.student = static_cast<const T*>(student);
-  a.teacher = static_cast<const T*>(teacher);
-  a.mask = mask;
-  a.grad_student = static_cast<T*>(grad_student);
-  a.grad_teacher = static_cast<T*>(grad_teacher);
-  a.row_scale = row_scale;
-  a.loss_rows = loss_rows;
-  a.rows = rows;
-  a.cols = static_cast<int>(cols);
+  a.student = static_cast<const T*>(l.student);
+  a.teacher = static_cast<const T*>(l.teacher);
+  a.mask = l.mask;
+  a.labels = l.labels;
+  a.grad_student = static_cast<T*>(l.grad_student);
+  a.grad_teacher = static_cast<T*>(l.grad_teacher);
+  a.scales = l.scales;
+  a.loss_rows = l.loss_rows;
+  a.rows = l.rows;
+  a.ignore_index = l.ignore_index;
+  a.cols = static_cast<int>(l.cols);
+  a.temperature = l.temperature;
+  a.alpha = l.labels != nullptr ? l.alpha : 1.0;
   // 1/T in double, rounded once, as on the CPU: 1/0.05 is exactly 20, 1/float(0.05) is not.
-  a.temperature = static_cast<float>(temperature);
-  a.inv_t = static_cast<float>(1.0 / temperature);
+  a.p.inv_t = static_cast<float>(1.0 / l.temperature);
+  a.p.beta = static_cast<float>(l.beta);
+  a.p.divergence = l.divergence;
+  a.p.ce_separate = l.labels != nullptr && l.temperature != 1.0;
 
-  // 16-byte vectors need the four arrays to share their address modulo 16 (then the same
-  // scalar head aligns them all, row after row); torch's allocations are 256-byte aligned, so
-  // this fails only for inputs that are views at odd offsets: then all scalar.
+  // 16-byte vectors need the four arrays to share their address modulo 16 (then the same scalar
+  // head aligns them all, row after row). Only that layout is compiled: the glue copies an input
+  // that is a view at an odd offset (torch's allocations are 256-byte aligned).
   constexpr int kVec = 16 / sizeof(T);
-  const uintptr_t m = reinterpret_cast<uintptr_t>(student) & 15u;
-  const bool vec_ok = m % sizeof(T) == 0 && (reinterpret_cast<uintptr_t>(teacher) & 15u) == m &&
-                      (reinterpret_cast<uintptr_t>(grad_student) & 15u) == m &&
-                      (grad_teacher == nullptr ||
-                       (reinterpret_cast<uintptr_t>(grad_teacher) & 15u) == m);
-  if (grad_teacher != nullptr) {
-    return vec_ok ? kd_launch<T, kVec, true>(plan, a, workspace, workspace_floats, stream)
-                  : kd_launch<T, 1, true>(plan, a, workspace, workspace_floats, stream);
+  const uintptr_t m = reinterpret_cast<uintptr_t>(l.student) & 15u;
+  auto aligned = [m](const void* ptr) {
+    return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) == m;
+  };
+  if (m % sizeof(T) != 0 || !aligned(l.teacher) || !aligned(l.grad_student) ||
+      !aligned(l.grad_teacher)) {
+    return "kd_loss_fwd: inputs and gradients must share their address modulo 16";
   }
-  return vec_ok ? kd_launch<T, kVec, false>(plan, a, workspace, workspace_floats, stream)
-                : kd_launch<T, 1, false>(plan, a, workspace, workspace_floats, stream);
+  return kd_launch_kind<T, kVec>(plan, a, l, stream);
 }
 
 }  // namespace
 
-const char* launch_kd_kl_fwd(const KdPlan& plan, KdDType dtype, const void* student,
-                             const void* teacher, const bool* mask, int64_t rows, int64_t cols,
-                             double temperature, const float* row_scale, float* loss_rows,
-                             void* grad_student, void* grad_teacher, float* workspace,
-                             int64_t workspace_floats, cudaStream_t stream) {
-  if (rows < 1 || cols < 1) return "kd_kl_fwd: empty input";
-  if (cols > kMaxCols) return "kd_kl_fwd: the CUDA kernel takes at most 2^30 classes per row";
-  if (student == nullptr || teacher == nullptr || row_scale == nullptr || loss_rows == nullptr ||
-      grad_student == nullptr) {
-    return "kd_kl_fwd: null input or output pointer";
+const char* launch_kd_loss_fwd(const KdPlan& plan, KdDType dtype, const KdLaunch& l,
+                               cudaStream_t stream) {
+  if (l.rows < 1 || l.cols < 1) return "kd_loss_fwd: empty input";
+  if (l.cols > kMaxCols) return "kd_loss_fwd: the CUDA kernel takes at most 2^30 classes per row";
+  if (l.student == nullptr || l.teacher == nullptr || l.scales == nullptr ||
+      l.loss_rows == nullptr) {
+    return "kd_loss_fwd: null input or output pointer";
   }
-  if (!(temperature > 0.0) || !(temperature < INFINITY)) {
-    return "kd_kl_fwd: temperature must be finite and > 0";
+  if (!(l.temperature > 0.0) || !(l.temperature < INFINITY)) {
+    return "kd_loss_fwd: temperature must be finite and > 0";
   }
+  if (l.divergence < 0 || l.divergence >= kNumDivergences) return "kd_loss_fwd: bad divergence";
   switch (dtype) {
     case KdDType::kFloat32:
-      return kd_launch_typed<float>(plan, student, teacher, mask, rows, cols, temperature,
-                                    row_scale, loss_rows, grad_student, grad_teacher, workspace,
-                                    workspace_floats, stream);
+      return kd_launch_typed<float>(plan, l, stream);
     case KdDType::kFloat16:
-      return kd_launch_typed<__half>(plan, student, teacher, mask, rows, cols, temperature,
-                                     row_scale, loss_rows, grad_student, grad_teacher, workspace,
-                                     workspace_floats, stream);
+      return kd_launch_typed<__half>(plan, l, stream);
     case KdDType::kBFloat16:
-      return kd_launch_typed<__nv_bfloat16>(plan, student, teacher, mask, rows, cols,
-                                            temperature, row_scale, loss_rows, grad_student,
-                                            grad_teacher, workspace, workspace_floats, stream);
+      return kd_launch_typed<__nv_bfloat16>(plan, l, stream);
   }
-  return "kd_kl_fwd: unsupported dtype";
+  return "kd_loss_fwd: unsupported dtype";
 }
 
 }  // namespace kd_cuda

@@ -1,4 +1,4 @@
-// The per-thread part of the CUDA kd_kl_fwd kernel: which elements of a row (or of a chunk of a
+// The per-thread part of the CUDA kd_loss_fwd kernel: which elements of a row (or of a chunk of a
 // row) one thread visits, the 16-byte vector loads and stores, and the kd_math.h arithmetic on
 // them. Everything is __host__ __device__, so a host program can run a kernel's thread layout
 // lane by lane and check it; the cross-thread reductions live in kd_loss_kernel.cu.
@@ -106,14 +106,89 @@ KDC_HD void kd_store_vec(T* p, const float* in) {
   }
 }
 
+// ---- what a row's passes gather and need --------------------------------------------------------
+
+// A row's statistics pass: kd_math.h's online statistics of x = s/T and y = t/T and, when the
+// hard-label term's softmax at T = 1 is not q (T != 1), the student's own log-sum-exp of s.
+struct KdStats {
+  RowStats st;
+  LseT<float> ce;
+};
+
+KDC_HD KdStats kd_stats_empty() { return {row_stats_empty(), lse_empty<float>()}; }
+
+template <int KIND>
+KDC_HD KdStats kd_stats_merge(const KdStats& a, const KdStats& b) {
+  return {row_stats_merge<KIND>(a.st, b.st), lse_merge(a.ce, b.ce)};
+}
+
+// The launch's constants the per-thread functions need.
+struct KdParams {
+  float inv_t;       // float(1/T), 1/T in double
+  float beta;
+  int divergence;
+  bool ce_separate;  // a hard-label term at T != 1
+};
+
+// What the per-element passes of a row need, derived once from its merged statistics.
+struct KdRow {
+  RowResult res;
+  RowTermsT<float> terms;    // D, Gq, Gp (for the mixture divergences: after their own pass)
+  float ce_max, ce_log_sum;  // the hard-label term's log-sum-exp at T = 1
+  TermCoefsT<float> k;       // the row's coefficients (no hard-label term without a label)
+  int label;                 // the hard label's column, or -1
+};
+
+// A row's label: its column, -1 when it has none (or it is ignore_index), -2 when it is out of
+// range (the row is then NaN: kdplug.ops rejects such labels in eager mode, and the kernel must
+// never read outside the row).
+KDC_HD int kd_label_of(const int64_t* labels, int64_t row, int64_t ignore_index, int cols) {
+  if (labels == nullptr) return -1;
+  const int64_t y = labels[row];
+  if (y == ignore_index) return -1;
+  return y >= 0 && y < cols ? static_cast<int>(y) : -2;
+}
+
+// The row's KdRow from its merged statistics; false for a row that is NaN.
+template <int KIND>
+KDC_HD bool kd_row_begin(const KdStats& st, const KdParams& p, const TermCoefsT<float>& k,
+                         int label, KdRow& row) {
+  row.res = row_result(st.st);
+  row.label = label;
+  row.k = row_coefs(k, label >= 0);
+  row.ce_max = p.ce_separate ? st.ce.max : row.res.max_x;
+  row.ce_log_sum = p.ce_separate ? kd_log(st.ce.sum) : row.res.log_sum_x;
+  if constexpr (KIND != kMixture) {
+    row.terms = online_row_terms<KIND>(st.st, row.res);
+  } else {
+    row.terms = row_terms_empty<float>();
+  }
+  return label != -2 && row_is_finite(row.res);
+}
+
+// The row's loss with its factors, from its student row s (read at the label).
+template <typename T>
+KDC_HD float kd_row_loss(const KdRow& row, const T* s) {
+  const float ce = row.label < 0 ? 0.f
+                                 : (row.ce_max + row.ce_log_sum) - KdElem<T>::to_float(s[row.label]);
+  return row.k.kd_loss * row.terms.value + row.k.ce * ce;
+}
+
 // ---- statistics of a few elements at once ----------------------------------------------------
 
-// RowStats of N elements, equal (up to rounding) to N row_stats_add calls from row_stats_empty(),
-// at 2 exponentials per element instead of 4: the maxima first, then one exp per element
-// against them. Same kd_math.h rules: NaN wins the max, -inf weighs 0 (kd_rescale with an
-// old max of -inf), a 0 teacher weight contributes 0 to the cross term.
-template <int N>
-KDC_HD RowStats kd_row_stats_of(const float* x, const float* y) {
+// KdStats of N elements (raw logits s, t), equal (up to rounding) to N row_stats_add calls from
+// row_stats_empty(), at one exponential per element and input instead of two: the maxima first,
+// then one exp per element against them. Same kd_math.h rules: NaN wins the max, -inf weighs 0
+// (kd_rescale with an old max of -inf), a 0 weight contributes 0 to the cross term.
+template <int KIND, int N>
+KDC_HD KdStats kd_stats_of(const float* s, const float* t, const KdParams& p) {
+  float x[N];
+  float y[N];
+  KDC_UNROLL
+  for (int i = 0; i < N; ++i) {
+    x[i] = s[i] * p.inv_t;
+    y[i] = t[i] * p.inv_t;
+  }
   float mx = x[0];
   float my = y[0];
   KDC_UNROLL
@@ -121,18 +196,25 @@ KDC_HD RowStats kd_row_stats_of(const float* x, const float* y) {
     mx = kd_max_nan(mx, x[i]);
     my = kd_max_nan(my, y[i]);
   }
-  RowStats r;
-  r.max_x = mx;
-  r.max_y = my;
-  r.sum_x = 0.f;
-  r.sum_y = 0.f;
-  r.cross = 0.f;
+  KdStats r = kd_stats_empty();
+  r.st.max_x = mx;
+  r.st.max_y = my;
   KDC_UNROLL
   for (int i = 0; i < N; ++i) {
-    r.sum_x += kd_rescale(x[i], mx);
-    const float w = kd_rescale(y[i], my);
-    r.sum_y += w;
-    r.cross += kd_cross_term(w, y[i] - x[i]);
+    const float wx = kd_rescale(x[i], mx);
+    const float wy = kd_rescale(y[i], my);
+    r.st.sum_x += wx;
+    r.st.sum_y += wy;
+    if constexpr (KIND == kKL) r.st.cross += kd_cross_term(wy, y[i] - x[i]);
+    if constexpr (KIND == kReverseKL) r.st.cross += kd_cross_term(wx, x[i] - y[i]);
+  }
+  if (p.ce_separate) {
+    float ms = s[0];
+    KDC_UNROLL
+    for (int i = 1; i < N; ++i) ms = kd_max_nan(ms, s[i]);
+    r.ce.max = ms;
+    KDC_UNROLL
+    for (int i = 0; i < N; ++i) r.ce.sum += kd_rescale(s[i], ms);
   }
   return r;
 }
@@ -179,138 +261,162 @@ struct KdUnroll {
 };
 
 // Statistics of the elements thread `tid` of `nthreads` visits in segment g: head and tail
-// element i goes to thread i, body vector v to thread v % nthreads. x = s * inv_t, y = t * inv_t.
-template <typename T, int VEC>
-KDC_HD RowStats kd_thread_stats(const T* __restrict__ s, const T* __restrict__ t,
-                                const KdSegment& g, int tid, int nthreads, float inv_t) {
+// element i goes to thread i, body vector v to thread v % nthreads.
+template <int KIND, typename T, int VEC>
+KDC_HD KdStats kd_thread_stats(const T* __restrict__ s, const T* __restrict__ t,
+                               const KdSegment& g, int tid, int nthreads, const KdParams& p) {
   constexpr int U = KdUnroll<VEC>::value;
-  RowStats acc = row_stats_empty();
-  for (int i = tid; i < g.head; i += nthreads) {
-    const int c = g.head_begin + i;
-    row_stats_add(acc, KdElem<T>::to_float(s[c]) * inv_t, KdElem<T>::to_float(t[c]) * inv_t);
-  }
+  KdStats acc = kd_stats_empty();
+  auto add_one = [&](int c) {
+    const float sv = KdElem<T>::to_float(s[c]);
+    row_stats_add<KIND>(acc.st, sv * p.inv_t, KdElem<T>::to_float(t[c]) * p.inv_t);
+    if (p.ce_separate) lse_add(acc.ce, sv);
+  };
+  for (int i = tid; i < g.head; i += nthreads) add_one(g.head_begin + i);
   const T* __restrict__ sb = s + g.body_begin;
   const T* __restrict__ tb = t + g.body_begin;
   int v = tid;
   for (; v + (U - 1) * nthreads < g.nvec; v += U * nthreads) {
-    float x[U * VEC];
-    float y[U * VEC];
+    float sv[U * VEC];
+    float tv[U * VEC];
     KDC_UNROLL
     for (int u = 0; u < U; ++u) {
       const int e = (v + u * nthreads) * VEC;
-      kd_load_vec<T, VEC, KdLoad::kKeep>(sb + e, inv_t, x + u * VEC);
-      kd_load_vec<T, VEC, KdLoad::kKeep>(tb + e, inv_t, y + u * VEC);
+      kd_load_vec<T, VEC, KdLoad::kKeep>(sb + e, 1.f, sv + u * VEC);
+      kd_load_vec<T, VEC, KdLoad::kKeep>(tb + e, 1.f, tv + u * VEC);
     }
-    acc = row_stats_merge(acc, kd_row_stats_of<U * VEC>(x, y));
+    acc = kd_stats_merge<KIND>(acc, kd_stats_of<KIND, U * VEC>(sv, tv, p));
   }
   for (; v < g.nvec; v += nthreads) {
-    float x[VEC];
-    float y[VEC];
-    kd_load_vec<T, VEC, KdLoad::kKeep>(sb + v * VEC, inv_t, x);
-    kd_load_vec<T, VEC, KdLoad::kKeep>(tb + v * VEC, inv_t, y);
-    acc = row_stats_merge(acc, kd_row_stats_of<VEC>(x, y));
+    float sv[VEC];
+    float tv[VEC];
+    kd_load_vec<T, VEC, KdLoad::kKeep>(sb + v * VEC, 1.f, sv);
+    kd_load_vec<T, VEC, KdLoad::kKeep>(tb + v * VEC, 1.f, tv);
+    acc = kd_stats_merge<KIND>(acc, kd_stats_of<KIND, VEC>(sv, tv, p));
+  }
+  for (int i = tid; i < g.tail; i += nthreads) add_one(g.tail_begin + i);
+  return acc;
+}
+
+// The mixture divergences' sums Σφ, Gq, Gp over the elements thread `tid` visits (same layout).
+template <typename T, int VEC>
+KDC_HD RowTermsT<float> kd_thread_terms(const T* __restrict__ s, const T* __restrict__ t,
+                                        const KdSegment& g, int tid, int nthreads,
+                                        const KdParams& p, const RowResult& res) {
+  RowTermsT<float> acc = row_terms_empty<float>();
+  auto add_one = [&](float sv, float tv) {
+    float pi, qi;
+    row_terms_add(acc, class_terms_of<kMixture>(p.divergence, sv * p.inv_t, tv * p.inv_t, res,
+                                                p.beta, &pi, &qi));
+  };
+  for (int i = tid; i < g.head; i += nthreads) {
+    const int c = g.head_begin + i;
+    add_one(KdElem<T>::to_float(s[c]), KdElem<T>::to_float(t[c]));
+  }
+  for (int v = tid; v < g.nvec; v += nthreads) {
+    float sv[VEC];
+    float tv[VEC];
+    kd_load_vec<T, VEC, KdLoad::kKeep>(s + g.body_begin + v * VEC, 1.f, sv);
+    kd_load_vec<T, VEC, KdLoad::kKeep>(t + g.body_begin + v * VEC, 1.f, tv);
+    KDC_UNROLL
+    for (int i = 0; i < VEC; ++i) add_one(sv[i], tv[i]);
   }
   for (int i = tid; i < g.tail; i += nthreads) {
     const int c = g.tail_begin + i;
-    row_stats_add(acc, KdElem<T>::to_float(s[c]) * inv_t, KdElem<T>::to_float(t[c]) * inv_t);
+    add_one(KdElem<T>::to_float(s[c]), KdElem<T>::to_float(t[c]));
   }
   return acc;
 }
 
-// Gradients of N elements from the row's final result (kd_math.h grad_student / grad_teacher).
-template <int N, bool HAS_GT>
-KDC_HD void kd_grads_of(const float* x, const float* y, const RowResult& res, float ts,
-                        float* gsv, float* gtv) {
-  KDC_UNROLL
-  for (int i = 0; i < N; ++i) {
-    gsv[i] = grad_student(x[i], y[i], res, ts);
-    if (HAS_GT) gtv[i] = grad_teacher(x[i], y[i], res, ts);
-  }
+// The gradients of one element (raw logits sv, tv at column col) from the row's KdRow:
+// kd_math.h's class terms, the chain rule, and the hard-label term.
+template <int KIND>
+KDC_HD void kd_elem_grads(float sv, float tv, int col, const KdParams& p, const KdRow& row,
+                          float* gs, float* gt) {
+  float pi, qi;
+  const ClassTerms<float> ct =
+      class_terms_of<KIND>(p.divergence, sv * p.inv_t, tv * p.inv_t, row.res, p.beta, &pi, &qi);
+  const float sigma = p.ce_separate ? kd_exp((sv - row.ce_max) - row.ce_log_sum) : qi;
+  *gs = grad_student_of(ct, qi, sigma, row.terms, row.k) - (col == row.label ? row.k.ce : 0.f);
+  *gt = grad_teacher_of(ct, pi, row.terms, row.k);
 }
 
-// Writes the gradients of the elements of segment g that thread `tid` of `nthreads` visits. The
-// vectors are visited last to first (vector nvec-1-v goes to thread v % nthreads, still coalesced):
-// the end of the segment, read last by kd_thread_stats, is the likeliest to be still in cache, and
-// a re-scan in the same order as the first would be the worst case of an LRU-like cache once the
-// rows in flight exceed the L2. gt is only touched when HAS_GT. ts = T * row_scale.
-template <typename T, int VEC, bool HAS_GT>
+// Writes the gradients of the elements of segment g that thread `tid` of `nthreads` visits (gs
+// or gt may be nullptr: that gradient is not wanted). The vectors are
+// visited last to first (vector nvec-1-v goes to thread v % nthreads, still coalesced): the end
+// of the segment, read last by kd_thread_stats, is the likeliest to be still in cache, and a
+// re-scan in the same order as the first would be the worst case of an LRU-like cache once the
+// rows in flight exceed the L2.
+template <int KIND, typename T, int VEC>
 KDC_HD void kd_thread_grads(const T* __restrict__ s, const T* __restrict__ t, T* __restrict__ gs,
                             T* __restrict__ gt, const KdSegment& g, int tid, int nthreads,
-                            float inv_t, const RowResult& res, float ts) {
+                            const KdParams& p, const KdRow& row) {
   constexpr int U = KdUnroll<VEC>::value;
-  for (int i = tid; i < g.head; i += nthreads) {
-    const int c = g.head_begin + i;
-    const float x = KdElem<T>::to_float(s[c]) * inv_t;
-    const float y = KdElem<T>::to_float(t[c]) * inv_t;
-    gs[c] = KdElem<T>::from_float(grad_student(x, y, res, ts));
-    if (HAS_GT) gt[c] = KdElem<T>::from_float(grad_teacher(x, y, res, ts));
-  }
+  auto one = [&](int c) {
+    float a, b;
+    kd_elem_grads<KIND>(KdElem<T>::to_float(s[c]), KdElem<T>::to_float(t[c]), c, p, row, &a, &b);
+    if (gs != nullptr) gs[c] = KdElem<T>::from_float(a);
+    if (gt != nullptr) gt[c] = KdElem<T>::from_float(b);
+  };
+  for (int i = tid; i < g.head; i += nthreads) one(g.head_begin + i);
   const T* __restrict__ sb = s + g.body_begin;
   const T* __restrict__ tb = t + g.body_begin;
-  T* __restrict__ gsb = gs + g.body_begin;
-  T* __restrict__ gtb = HAS_GT ? gt + g.body_begin : gt;
+  auto vectors = [&](int e, const float* sv, const float* tv) {
+    float gsv[VEC];
+    float gtv[VEC];
+    KDC_UNROLL
+    for (int i = 0; i < VEC; ++i) {
+      kd_elem_grads<KIND>(sv[i], tv[i], g.body_begin + e + i, p, row, gsv + i, gtv + i);
+    }
+    if (gs != nullptr) kd_store_vec<T, VEC>(gs + g.body_begin + e, gsv);
+    if (gt != nullptr) kd_store_vec<T, VEC>(gt + g.body_begin + e, gtv);
+  };
   int v = tid;
   for (; v + (U - 1) * nthreads < g.nvec; v += U * nthreads) {
-    float x[U * VEC];
-    float y[U * VEC];
+    float sv[U * VEC];
+    float tv[U * VEC];
     KDC_UNROLL
     for (int u = 0; u < U; ++u) {
       const int e = (g.nvec - 1 - (v + u * nthreads)) * VEC;
-      kd_load_vec<T, VEC, KdLoad::kLast>(sb + e, inv_t, x + u * VEC);
-      kd_load_vec<T, VEC, KdLoad::kLast>(tb + e, inv_t, y + u * VEC);
+      kd_load_vec<T, VEC, KdLoad::kLast>(sb + e, 1.f, sv + u * VEC);
+      kd_load_vec<T, VEC, KdLoad::kLast>(tb + e, 1.f, tv + u * VEC);
     }
     KDC_UNROLL
     for (int u = 0; u < U; ++u) {
-      const int e = (g.nvec - 1 - (v + u * nthreads)) * VEC;
-      float gsv[VEC];
-      float gtv[VEC];
-      kd_grads_of<VEC, HAS_GT>(x + u * VEC, y + u * VEC, res, ts, gsv, gtv);
-      kd_store_vec<T, VEC>(gsb + e, gsv);
-      if (HAS_GT) kd_store_vec<T, VEC>(gtb + e, gtv);
+      vectors((g.nvec - 1 - (v + u * nthreads)) * VEC, sv + u * VEC, tv + u * VEC);
     }
   }
   for (; v < g.nvec; v += nthreads) {
     const int e = (g.nvec - 1 - v) * VEC;
-    float x[VEC];
-    float y[VEC];
-    kd_load_vec<T, VEC, KdLoad::kLast>(sb + e, inv_t, x);
-    kd_load_vec<T, VEC, KdLoad::kLast>(tb + e, inv_t, y);
-    float gsv[VEC];
-    float gtv[VEC];
-    kd_grads_of<VEC, HAS_GT>(x, y, res, ts, gsv, gtv);
-    kd_store_vec<T, VEC>(gsb + e, gsv);
-    if (HAS_GT) kd_store_vec<T, VEC>(gtb + e, gtv);
+    float sv[VEC];
+    float tv[VEC];
+    kd_load_vec<T, VEC, KdLoad::kLast>(sb + e, 1.f, sv);
+    kd_load_vec<T, VEC, KdLoad::kLast>(tb + e, 1.f, tv);
+    vectors(e, sv, tv);
   }
-  for (int i = tid; i < g.tail; i += nthreads) {
-    const int c = g.tail_begin + i;
-    const float x = KdElem<T>::to_float(s[c]) * inv_t;
-    const float y = KdElem<T>::to_float(t[c]) * inv_t;
-    gs[c] = KdElem<T>::from_float(grad_student(x, y, res, ts));
-    if (HAS_GT) gt[c] = KdElem<T>::from_float(grad_teacher(x, y, res, ts));
-  }
+  for (int i = tid; i < g.tail; i += nthreads) one(g.tail_begin + i);
 }
 
-// A masked row: zero gradients over segment g, no input read.
-template <typename T, int VEC, bool HAS_GT>
-KDC_HD void kd_thread_zero(T* __restrict__ gs, T* __restrict__ gt, const KdSegment& g, int tid,
-                           int nthreads) {
-  const T zero = KdElem<T>::from_float(0.f);
-  for (int i = tid; i < g.head; i += nthreads) {
-    gs[g.head_begin + i] = zero;
-    if (HAS_GT) gt[g.head_begin + i] = zero;
-  }
-  float zeros[VEC];
+// A row that does not count (value 0) or is NaN (value NaN): its gradients over segment g are
+// that value, and no input is read.
+template <typename T, int VEC>
+KDC_HD void kd_thread_fill(T* __restrict__ gs, T* __restrict__ gt, const KdSegment& g, int tid,
+                           int nthreads, float value) {
+  const T fill = KdElem<T>::from_float(value);
+  auto one = [&](int c) {
+    if (gs != nullptr) gs[c] = fill;
+    if (gt != nullptr) gt[c] = fill;
+  };
+  for (int i = tid; i < g.head; i += nthreads) one(g.head_begin + i);
+  float lanes[VEC];
   KDC_UNROLL
-  for (int i = 0; i < VEC; ++i) zeros[i] = 0.f;
+  for (int i = 0; i < VEC; ++i) lanes[i] = value;
   for (int v = tid; v < g.nvec; v += nthreads) {
     const int e = g.body_begin + v * VEC;
-    kd_store_vec<T, VEC>(gs + e, zeros);
-    if (HAS_GT) kd_store_vec<T, VEC>(gt + e, zeros);
+    if (gs != nullptr) kd_store_vec<T, VEC>(gs + e, lanes);
+    if (gt != nullptr) kd_store_vec<T, VEC>(gt + e, lanes);
   }
-  for (int i = tid; i < g.tail; i += nthreads) {
-    gs[g.tail_begin + i] = zero;
-    if (HAS_GT) gt[g.tail_begin + i] = zero;
-  }
+  for (int i = tid; i < g.tail; i += nthreads) one(g.tail_begin + i);
 }
 
 }  // namespace kd_cuda

@@ -1,4 +1,4 @@
-// Host interface of kdplug's CUDA kernel for kd_kl_topk_fwd (kd_topk_kernel.cu).
+// Host interface of kdplug's CUDA kernel for kd_loss_topk_fwd (kd_topk_kernel.cu).
 //
 // Free of torch headers, like kd_loss_cuda.h: the .cu compiles against the CUDA runtime alone and
 // the torch glue (kd_topk_cuda.cpp) passes raw pointers, the plan and the stream. See README.md.
@@ -36,7 +36,7 @@ struct KdTopkPlan {
 
 // The launch layout for rows x cols on a GPU with sm_count SMs; `force` picks the bitmap's place
 // (tests reach the global path at small sizes). Pure arithmetic: no CUDA call.
-inline KdTopkPlan plan_kd_kl_topk_fwd(int64_t rows, int64_t cols, int sm_count,
+inline KdTopkPlan plan_kd_loss_topk_fwd(int64_t rows, int64_t cols, int sm_count,
                                       KdTopkBitmap force = KdTopkBitmap::kAuto) {
   if (rows < 1) rows = 1;
   if (cols < 1) cols = 1;
@@ -60,20 +60,30 @@ inline KdTopkPlan plan_kd_kl_topk_fwd(int64_t rows, int64_t cols, int sm_count,
   return plan;
 }
 
-// Launches kd_kl_topk_fwd on `stream` (asynchronous). Inputs: student [rows, cols] contiguous of
-// `dtype`; indices int64 [rows, k] and values float32 [rows, k] contiguous; mask [rows] or
-// nullptr; row_scale: a float32 device scalar (1, or 1/counted rows) read by the kernel.
-// Outputs: loss_rows float32 [rows] (T^2 * loss per row, 0 where masked, unscaled) and
-// grad_student [rows, cols] of dtype (row_scale * d loss_row / d student). A row whose indices
-// leave [0, cols) or repeat a class gets a NaN loss and NaN gradients (never an out-of-bounds
-// access). workspace: plan.workspace_words int32 of device memory (nullptr when 0).
-// Returns nullptr on success, else an error message (static).
-const char* launch_kd_kl_topk_fwd(const KdTopkPlan& plan, KdDType dtype, const void* student,
-                                  const int64_t* indices, const float* values, const bool* mask,
-                                  int64_t rows, int64_t cols, int64_t k, double temperature,
-                                  bool rest_bucket, const float* row_scale, float* loss_rows,
-                                  void* grad_student, int32_t* workspace, int64_t workspace_words,
-                                  cudaStream_t stream);
+// One call of kd_loss_topk_fwd for the launcher: device pointers and the op's arguments.
+struct KdTopkLaunch {
+  const void* student;      // [rows, cols] contiguous, of the launch's dtype
+  const int64_t* indices;   // [rows, k]
+  const float* values;      // [rows, k]: the teacher's log-probabilities at T = 1
+  const bool* mask;         // [rows] or nullptr
+  const int64_t* labels;    // [rows] or nullptr: no hard-label term
+  const float* scales;      // device float32 [2]: the reduction's factors (kd, ce)
+  float* loss_rows;         // [rows]: each row's loss with its factors (0 where masked)
+  void* grad_student;       // [rows, cols] of dtype, or nullptr: not wanted
+  int32_t* workspace;       // plan.workspace_words int32 (nullptr when 0)
+  int64_t workspace_words;
+  int64_t rows, cols, k, ignore_index;
+  double temperature, beta, alpha;
+  int divergence;           // kd_math.h's code
+  bool rest_bucket;
+};
+
+// Launches kd_loss_topk_fwd on `stream` (asynchronous). A row whose indices leave [0, cols) or
+// repeat a class, or whose hard label is outside [0, cols) and not ignore_index, gets a NaN loss
+// and NaN gradients (never an out-of-bounds access). Returns nullptr on success, else an error
+// message (static).
+const char* launch_kd_loss_topk_fwd(const KdTopkPlan& plan, KdDType dtype, const KdTopkLaunch& l,
+                                    cudaStream_t stream);
 
 }  // namespace kd_cuda
 }  // namespace kdplug

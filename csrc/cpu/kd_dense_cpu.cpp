@@ -1,0 +1,466 @@
+// The CPU vector kernel of kdplug::kd_loss_fwd for rows of more than kSmallClasses classes.
+//
+// A row goes by stretches of kStretch classes that stay in L1 (student + teacher float32: 32 KiB)
+// while two sweeps run on them: the maxima, then the sums of exponentials, which are kept (a few
+// floats per class and thread, in L2). Then, for divergences that need the normalized p and q
+// (jsd, tvd, the skews), a sweep of their per-class terms (one log per class), kept as well; then
+// the gradient sweep, which writes every gradient from what was kept, with no exp of its own. So
+// every input element costs one exp (two with a hard-label term at T != 1) and is read from
+// memory once; nothing of size N*C is allocated besides the gradients. The stretches' statistics
+// merge as the GPU's threads do (kd_math.h). With fewer rows than threads, rows are cut into
+// chunks processed in parallel in phases (statistics, terms, gradients) that recompute their exps.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/kd_cpu.h"
+
+KD_NAMESPACE_BEGIN
+namespace cpu {
+namespace {
+
+constexpr int64_t kStretch = 4096;
+
+using Consts = KernelConsts<float>;
+using RowTerms = RowTermsT<float>;
+
+// Statistics of one stretch, relative to the stretch's own maxima (so stretches merge with
+// row_stats_merge and lse_merge). ce: the student's log-sum-exp at T = 1 (when the hard-label
+// term needs its own). A non-finite maximum (NaN, +inf, or a stretch that is all -inf) is returned
+// as is: the polynomial exp below would not carry it, so row_is_finite() makes the whole row NaN
+// instead, as PyTorch's softmax does.
+struct StretchStats {
+  RowStats st;
+  LseT<float> ce;
+};
+
+// Where kept values live for the gradient sweep; all nullptr when the caller recomputes them.
+struct Kept {
+  float* ex;  // exp(x - stretch max_x)
+  float* ey;  // exp(y - stretch max_y)
+  float* es;  // exp(s - stretch max_s), only when the hard-label term needs its own softmax
+  float* qg;  // q dphi/dq of the mixture divergences
+  float* pg;  // p dphi/dp, only with a teacher gradient
+};
+
+template <int KIND, typename T>
+StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, const Kept& keep) {
+  Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min(kVec, n - i);
+    vmax_s = at::vec::maximum(vmax_s, load_n(s + i, m, -INFINITY));
+    vmax_t = at::vec::maximum(vmax_t, load_n(t + i, m, -INFINITY));
+  }
+  const float max_s = hmax_nan(vmax_s), max_t = hmax_nan(vmax_t);
+  StretchStats out;
+  out.st = row_stats_empty();
+  out.st.max_x = max_s * c.inv_t;  // T > 0, so max(s)/T is the max of s/T, rounding included
+  out.st.max_y = max_t * c.inv_t;
+  out.ce = {max_s, 0.f};
+  if (std::isnan(out.st.max_x) || std::isnan(out.st.max_y) || out.st.max_x == INFINITY ||
+      out.st.max_y == INFINITY) {
+    return out;
+  }
+  // A side that is all -inf in this stretch has sums 0 (exp against 0 gives exactly that); the
+  // other side's sums are still needed when the stretch is one part of a longer row.
+  const Vec vinv(c.inv_t), zero(0.f);
+  const Vec ref_x(out.st.max_x == -INFINITY ? 0.f : out.st.max_x);
+  const Vec ref_y(out.st.max_y == -INFINITY ? 0.f : out.st.max_y);
+  const Vec ref_s(max_s == -INFINITY ? 0.f : max_s);
+  Vec sum_x(0.f), sum_y(0.f), cross(0.f), sum_s(0.f);
+  for (int64_t i = 0; i < n; i += kVec) {
+    // The next stretch (rows are contiguous: the next row's start after a row's last stretch)
+    // comes in from memory while this one computes in L1.
+    __builtin_prefetch(s + n + i);
+    __builtin_prefetch(t + n + i);
+    const int64_t m = std::min(kVec, n - i);
+    const Vec sv = load_n(s + i, m, -INFINITY);
+    const Vec x = sv * vinv;
+    const Vec y = load_n(t + i, m, -INFINITY) * vinv;
+    const Vec ex = fast_exp(x - ref_x);
+    const Vec ey = fast_exp(y - ref_y);
+    sum_x = sum_x + ex;
+    sum_y = sum_y + ey;
+    // a weight of 0 (a logit of -inf) contributes 0, not 0 * inf
+    if constexpr (KIND == kKL) cross = cross + ((ey != zero) & (ey * (y - x)));
+    if constexpr (KIND == kReverseKL) cross = cross + ((ex != zero) & (ex * (x - y)));
+    if (keep.ex) {
+      ex.store(keep.ex + i);
+      ey.store(keep.ey + i);
+    }
+    if (c.ce_separate) {
+      const Vec es = fast_exp(sv - ref_s);
+      sum_s = sum_s + es;
+      if (keep.es) es.store(keep.es + i);
+    }
+  }
+  out.st.sum_x = hsum(sum_x);
+  out.st.sum_y = hsum(sum_y);
+  out.st.cross = hsum(cross);
+  out.ce.sum = hsum(sum_s);
+  return out;
+}
+
+// What the per-class sweeps of a row need besides its inputs.
+struct RowState {
+  RowResult res;
+  RowTerms terms;
+  float ce_max, ce_log_sum;  // the hard-label term's log-sum-exp at T = 1
+  TermCoefsT<float> k;       // the row's coefficients (no hard-label term without a label)
+  int64_t label;             // the row's hard label, or -1
+};
+
+// exp(stretch max - lse): turns a stretch's kept exp(v - stretch max) into probabilities. A
+// stretch that was all -inf kept zeros and gets 0 (its reference was 0, not its max).
+inline float kept_factor(float stretch_max, float row_max, float log_sum) {
+  return stretch_max == -INFINITY ? 0.f : std::exp((stretch_max - row_max) - log_sum);
+}
+
+struct KeptFactors {
+  float fq, fp, fs;
+};
+
+inline KeptFactors kept_factors(const StretchStats& st, const RowState& row, const Consts& c) {
+  KeptFactors f;
+  f.fq = kept_factor(st.st.max_x, row.res.max_x, row.res.log_sum_x);
+  f.fp = kept_factor(st.st.max_y, row.res.max_y, row.res.log_sum_y);
+  f.fs = c.ce_separate ? kept_factor(st.ce.max, row.ce_max, row.ce_log_sum) : f.fq;
+  return f;
+}
+
+// p, q and the hard-label softmax of kVec classes at i: from kept exps, or recomputed.
+template <bool KEPT>
+struct Probabilities {
+  Vec p, q, sigma;
+};
+
+template <bool KEPT>
+inline Probabilities<KEPT> probabilities(const Vec& sv, const Vec& x, const Vec& y,
+                                         const RowState& row, const Consts& c, const Kept& keep,
+                                         const KeptFactors& f, int64_t i) {
+  Probabilities<KEPT> out;
+  if constexpr (KEPT) {
+    out.q = Vec::loadu(keep.ex + i) * Vec(f.fq);
+    out.p = Vec::loadu(keep.ey + i) * Vec(f.fp);
+    out.sigma = c.ce_separate ? Vec::loadu(keep.es + i) * Vec(f.fs) : out.q;
+  } else {
+    out.q = fast_exp(log_q_of(x, row.res));
+    out.p = fast_exp(log_p_of(y, row.res));
+    out.sigma =
+        c.ce_separate ? fast_exp((sv - Vec(row.ce_max)) - Vec(row.ce_log_sum)) : out.q;
+  }
+  return out;
+}
+
+// Σφ, Gq, Gp of a stretch (the mixture divergences), keeping q dphi/dq (and p dphi/dp) per
+// class for the gradient sweep.
+template <int DIV, bool KEPT, typename T>
+RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, const Consts& c,
+                       const Kept& keep, const KeptFactors& f) {
+  const Vec vinv(c.inv_t), vbeta(c.beta);
+  Vec value(0.f), gq(0.f), gp(0.f);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min(kVec, n - i);
+    const Vec sv = load_n(s + i, m, -INFINITY);
+    const Vec x = sv * vinv, y = load_n(t + i, m, -INFINITY) * vinv;
+    const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
+    const ClassTerms<Vec> ct =
+        divergence_terms<DIV>(pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res), vbeta);
+    value = value + ct.value;
+    gq = gq + ct.qg;
+    gp = gp + ct.pg;
+    if (keep.qg) ct.qg.store(keep.qg + i);
+    if (keep.pg) ct.pg.store(keep.pg + i);
+  }
+  return {hsum(value), hsum(gq), hsum(gp)};
+}
+
+// The mixture divergences' terms sweep, with the divergence picked once per stretch.
+template <bool KEPT, typename T>
+RowTerms mixture_terms(int divergence, const T* s, const T* t, int64_t n, const RowState& row,
+                       const Consts& c, const Kept& keep, const KeptFactors& f) {
+  return with_mixture_divergence(divergence, [&](auto d) {
+    return stretch_terms<decltype(d)::value, KEPT>(s, t, n, row, c, keep, f);
+  });
+}
+
+// The gradients of a stretch. label: the hard-label class's offset in the stretch, or -1.
+// Mixture divergences read their kept terms, or (not KEPT) recompute them, picked per vector.
+template <int KIND, bool HAS_GT, bool KEPT, typename T>
+void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowState& row,
+                   const Consts& c, int divergence, const Kept& keep, const KeptFactors& f,
+                   T* gs, T* gt) {
+  const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min(kVec, n - i);
+    // For kl without a teacher gradient the logits are dead here and the compiler drops them.
+    const Vec sv = load_n(s + i, m, -INFINITY);
+    const Vec x = sv * vinv, y = load_n(t + i, m, -INFINITY) * vinv;
+    const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
+    ClassTerms<Vec> ct;
+    if constexpr (KIND == kMixture && KEPT) {
+      ct = {zero, Vec::loadu(keep.qg + i), HAS_GT ? Vec::loadu(keep.pg + i) : zero};
+    } else {
+      ct = kind_terms<KIND>(divergence, pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res),
+                            vbeta);
+    }
+    if (gs) {
+      Vec g = grad_student_of(ct, pr.q, pr.sigma, row.terms, row.k);
+      if (label >= i && label < i + m) {  // the hard label's -1, in float before rounding
+        float lanes[kVec];
+        g.store(lanes);
+        lanes[label - i] -= row.k.ce;
+        g = Vec::loadu(lanes);
+      }
+      store_n(gs + i, g, m);
+    }
+    if constexpr (HAS_GT) store_n(gt + i, grad_teacher_of(ct, pr.p, row.terms, row.k), m);
+  }
+}
+
+template <typename T>
+void fill_span(T* p, int64_t n, float value) {
+  if (p) std::fill(p, p + n, static_cast<T>(value));
+}
+
+// The row's loss (with its factors) and what its gradient sweep needs, from its merged
+// statistics; false for a row that is NaN.
+template <int KIND>
+bool finish_stats(const RowStats& st, const LseT<float>& ce, const Consts& c, int64_t label,
+                  RowState& row) {
+  row.label = label;
+  row.k = row_coefs(c.k, label >= 0);
+  row.res = row_result(st);
+  if (!row_is_finite(row.res)) return false;
+  row.ce_max = row.res.max_x;
+  row.ce_log_sum = row.res.log_sum_x;
+  if (c.ce_separate) {
+    row.ce_max = ce.max;
+    row.ce_log_sum = std::log(ce.sum);
+  }
+  if constexpr (KIND != kMixture) row.terms = online_row_terms<KIND>(st, row.res);
+  return true;
+}
+
+template <typename T>
+float row_loss(const RowState& row, const T* s) {
+  const float ce =
+      row.label < 0 ? 0.f : (row.ce_max + row.ce_log_sum) - static_cast<float>(s[row.label]);
+  return row.k.kd_loss * row.terms.value + row.k.ce * ce;
+}
+
+template <typename T>
+struct RowPointers {
+  const T* s;
+  const T* t;
+  T* gs;
+  T* gt;
+  RowPointers(const DenseProblem& p, int64_t offset)
+      : s(static_cast<const T*>(p.student) + offset),
+        t(static_cast<const T*>(p.teacher) + offset),
+        gs(p.grad_student ? static_cast<T*>(p.grad_student) + offset : nullptr),
+        gt(p.grad_teacher ? static_cast<T*>(p.grad_teacher) + offset : nullptr) {}
+};
+
+// Rows spread over threads; each row by stretches, everything kept in per-thread scratch.
+template <int KIND, bool HAS_GT, typename T>
+void dense_rows(const DenseProblem& p) {
+  const Consts c(p);
+  const int64_t cols = p.cols;
+  const int64_t stretches = (cols + kStretch - 1) / kStretch;
+  const int64_t grain = std::max<int64_t>(1, 16384 / cols);
+  float* loss_rows = static_cast<float*>(p.loss_rows);
+  const bool wants_grads = p.grad_student || p.grad_teacher;
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    // Padded by a vector: a row's tail stores whole vectors.
+    const int64_t len = cols + kVec;
+    const bool mixture = KIND == kMixture && wants_grads;
+    std::vector<float> scratch(len * (2 + (c.ce_separate ? 1 : 0) + (mixture ? 1 : 0) +
+                                      (mixture && HAS_GT ? 1 : 0)));
+    float* next = scratch.data();
+    auto take = [&](bool wanted) {
+      float* out = wanted ? next : nullptr;
+      if (wanted) next += len;
+      return out;
+    };
+    Kept keep;
+    keep.ex = take(true);
+    keep.ey = take(true);
+    keep.es = take(c.ce_separate);
+    keep.qg = take(mixture);
+    keep.pg = take(mixture && HAS_GT);
+    std::vector<StretchStats> stats(stretches);
+    for (int64_t r = begin; r < end; ++r) {
+      const RowPointers<T> rp(p, r * cols);
+      if (p.mask && !p.mask[r]) {
+        loss_rows[r] = 0.f;
+        fill_span(rp.gs, cols, 0.f);
+        fill_span(rp.gt, cols, 0.f);
+        continue;
+      }
+      RowStats st = row_stats_empty();
+      LseT<float> ce = lse_empty<float>();
+      for (int64_t k = 0; k < stretches; ++k) {
+        const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
+        const Kept here{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr, nullptr,
+                        nullptr};
+        stats[k] = stretch_stats<KIND>(rp.s + at, rp.t + at, n, c, here);
+        st = row_stats_merge<KIND>(st, stats[k].st);
+        ce = lse_merge(ce, stats[k].ce);
+      }
+      RowState row;
+      if (!finish_stats<KIND>(st, ce, c, c.label_of(p, r), row)) {
+        loss_rows[r] = NAN;
+        fill_span(rp.gs, cols, NAN);
+        fill_span(rp.gt, cols, NAN);
+        continue;
+      }
+      auto stretch_kept = [&](int64_t k) {
+        const int64_t at = k * kStretch;
+        return Kept{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr,
+                    keep.qg ? keep.qg + at : nullptr, keep.pg ? keep.pg + at : nullptr};
+      };
+      if constexpr (KIND == kMixture) {
+        row.terms = row_terms_empty<float>();
+        for (int64_t k = 0; k < stretches; ++k) {
+          const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
+          row.terms = row_terms_merge(
+              row.terms, mixture_terms<true>(p.divergence, rp.s + at, rp.t + at, n, row, c,
+                                             stretch_kept(k), kept_factors(stats[k], row, c)));
+        }
+      }
+      loss_rows[r] = row_loss(row, rp.s);
+      if (!wants_grads) continue;
+      for (int64_t k = 0; k < stretches; ++k) {
+        const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
+        stretch_grads<KIND, HAS_GT, true>(rp.s + at, rp.t + at, n, row.label - at, row, c,
+                                          p.divergence, stretch_kept(k),
+                                          kept_factors(stats[k], row, c),
+                                         rp.gs ? rp.gs + at : nullptr,
+                                         HAS_GT ? rp.gt + at : nullptr);
+      }
+    }
+  });
+}
+
+// Fewer rows than threads: cut each row into chunks, one task each, in phases: statistics, then
+// (mixture divergences) terms, then gradients; every phase recomputes its exps.
+template <int KIND, bool HAS_GT, typename T>
+void dense_split(const DenseProblem& p, int64_t chunks) {
+  const Consts c(p);
+  const int64_t cols = p.cols;
+  const int64_t len = ((cols + chunks - 1) / chunks + kVec - 1) / kVec * kVec;
+  chunks = (cols + len - 1) / len;
+  const int64_t tasks = p.rows * chunks;
+  float* loss_rows = static_cast<float*>(p.loss_rows);
+  auto active = [&](int64_t r) { return !p.mask || p.mask[r]; };
+  auto span = [&](int64_t task, int64_t& at, int64_t& n) {
+    at = (task % chunks) * len;
+    n = std::min(len, cols - at);
+  };
+  const Kept none{nullptr, nullptr, nullptr, nullptr, nullptr};
+  const KeptFactors no_factors{0.f, 0.f, 0.f};
+
+  std::vector<StretchStats> partial(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      if (!active(task / chunks)) continue;
+      int64_t at, n;
+      span(task, at, n);
+      const RowPointers<T> rp(p, (task / chunks) * cols + at);
+      StretchStats merged{row_stats_empty(), lse_empty<float>()};
+      for (int64_t k = 0; k < n; k += kStretch) {
+        const StretchStats part =
+            stretch_stats<KIND>(rp.s + k, rp.t + k, std::min(kStretch, n - k), c, none);
+        merged = {row_stats_merge<KIND>(merged.st, part.st), lse_merge(merged.ce, part.ce)};
+      }
+      partial[task] = merged;
+    }
+  });
+  std::vector<RowState> rows(p.rows);
+  std::vector<char> finite(p.rows, 0);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if (!active(r)) continue;
+    RowStats st = row_stats_empty();
+    LseT<float> ce = lse_empty<float>();
+    for (int64_t k = 0; k < chunks; ++k) {
+      st = row_stats_merge<KIND>(st, partial[r * chunks + k].st);
+      ce = lse_merge(ce, partial[r * chunks + k].ce);
+    }
+    finite[r] = finish_stats<KIND>(st, ce, c, c.label_of(p, r), rows[r]);
+  }
+  if constexpr (KIND == kMixture) {
+    std::vector<RowTerms> terms(tasks, row_terms_empty<float>());
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        if (!active(task / chunks) || !finite[task / chunks]) continue;
+        int64_t at, n;
+        span(task, at, n);
+        const RowPointers<T> rp(p, (task / chunks) * cols + at);
+        terms[task] = mixture_terms<false>(p.divergence, rp.s, rp.t, n, rows[task / chunks], c,
+                                           none, no_factors);
+      }
+    });
+    for (int64_t r = 0; r < p.rows; ++r) {
+      rows[r].terms = row_terms_empty<float>();
+      for (int64_t k = 0; k < chunks; ++k) {
+        rows[r].terms = row_terms_merge(rows[r].terms, terms[r * chunks + k]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {
+    loss_rows[r] = !active(r)   ? 0.f
+                   : finite[r] ? row_loss(rows[r], RowPointers<T>(p, r * cols).s)
+                               : NAN;
+  }
+  if (!p.grad_student && !p.grad_teacher) return;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / chunks;
+      int64_t at, n;
+      span(task, at, n);
+      const RowPointers<T> rp(p, r * cols + at);
+      if (!active(r) || !finite[r]) {
+        fill_span(rp.gs, n, active(r) ? NAN : 0.f);
+        fill_span(rp.gt, n, active(r) ? NAN : 0.f);
+        continue;
+      }
+      stretch_grads<KIND, HAS_GT, false>(rp.s, rp.t, n, rows[r].label - at, rows[r], c,
+                                         p.divergence, none, no_factors, rp.gs, rp.gt);
+    }
+  });
+}
+
+template <int KIND, bool HAS_GT, typename T>
+void dense_vector_typed(const DenseProblem& p) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t min_chunk = 4096;
+  const int64_t chunks =
+      std::min(threads / std::max<int64_t>(p.rows, 1) + 1, p.cols / min_chunk);
+  if (p.rows < threads && chunks > 1) {
+    dense_split<KIND, HAS_GT, T>(p, chunks);
+  } else {
+    dense_rows<KIND, HAS_GT, T>(p);
+  }
+}
+
+}  // namespace
+
+void dense_vector(const DenseProblem& p) {
+  with_kind(p.divergence, [&](auto kind) {
+    constexpr int KIND = decltype(kind)::value;
+    KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd", [&] {
+      if (p.grad_teacher) {
+        dense_vector_typed<KIND, true, scalar_t>(p);
+      } else {
+        dense_vector_typed<KIND, false, scalar_t>(p);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+KD_NAMESPACE_END

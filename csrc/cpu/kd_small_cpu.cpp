@@ -1,0 +1,288 @@
+// The CPU kernel of kdplug::kd_loss_fwd for rows of at most kSmallClasses classes (CIFAR-10's
+// 10, ImageNet-100's 100): a row is too short for its own vectors (a scalar loop per row would be
+// all per-row overhead and scalar exps), so blocks of kVec rows are transposed into float scratch,
+// class-major, and one vector lane holds one row. Every row statistic is then a lane-wise vector
+// operation over the classes, with the per-class arithmetic of kd_math.h instantiated on vectors;
+// the gradients are transposed back. A block's scratch (a few times kVec x C floats) stays in L1.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/kd_cpu.h"
+
+KD_NAMESPACE_BEGIN
+namespace cpu {
+namespace {
+
+using Consts = KernelConsts<float>;
+constexpr int64_t R = kVec;  // rows per block
+
+// A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]. Rows whose
+// lane is off are never read: their lanes hold zeros. float rows go by masked gathers (one per
+// class), 16-bit rows element by element.
+template <typename T>
+void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    // (at::vec::mask_gather is not used: its AVX-512 version compares the all-ones mask, a NaN,
+    // for equality and so never loads anything.)
+    int32_t index[R], bits[R];
+    for (int64_t r = 0; r < R; ++r) {
+      index[r] = static_cast<int32_t>(r * cols);
+      bits[r] = on[r] ? -1 : 0;
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i vindex = _mm512_loadu_si512(index);
+    const __mmask16 mask = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(bits),
+                                                    _mm512_setzero_si512());
+    for (int64_t k = 0; k < cols; ++k) {
+      _mm512_storeu_ps(dst + k * R, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex,
+                                                             rows + k, 4));
+    }
+#else
+    const __m256i vindex = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
+    const __m256 mask = _mm256_castsi256_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
+    for (int64_t k = 0; k < cols; ++k) {
+      _mm256_storeu_ps(dst + k * R, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), rows + k,
+                                                             vindex, mask, 4));
+    }
+#endif
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < cols; ++k) {
+      dst[k * R + r] = on[r] ? static_cast<float>(rows[r * cols + k]) : 0.f;
+    }
+  }
+}
+
+// The inverse for the lanes that are on: class-major src back into the rows. float rows go by
+// gathers from src (one per kVec classes of a row: strided loads from L1) and contiguous masked
+// stores, several times cheaper than scatters into the rows.
+template <typename T>
+void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t r = 0; r < R; ++r) {
+      if (!on[r]) continue;
+      for (int64_t k = 0; k < cols; k += 16) {
+        const __mmask16 mask = static_cast<__mmask16>(
+            cols - k >= 16 ? 0xffff : (1u << (cols - k)) - 1u);
+        const __m512i index = _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))),
+                               _mm512_set1_epi32(static_cast<int>(R))),
+            _mm512_set1_epi32(static_cast<int>(r)));
+        _mm512_mask_storeu_ps(rows + r * cols + k, mask,
+                              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, src, 4));
+      }
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t r = 0; r < R; ++r) {
+      if (!on[r]) continue;
+      for (int64_t k = 0; k < cols; k += 8) {
+        const __m256i classes = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k)));
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)),
+                                                classes);
+        const __m256i index = _mm256_add_epi32(
+            _mm256_mullo_epi32(classes, _mm256_set1_epi32(static_cast<int>(R))),
+            _mm256_set1_epi32(static_cast<int>(r)));
+        const __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src, index,
+                                                  _mm256_castsi256_ps(mask), 4);
+        _mm256_maskstore_ps(rows + r * cols + k, mask, v);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    if (!on[r]) continue;
+    for (int64_t k = 0; k < cols; ++k) rows[r * cols + k] = static_cast<T>(src[k * R + r]);
+  }
+}
+
+// Σφ, Gq, Gp of a block's rows for a mixture divergence, keeping each class's terms.
+template <int DIV>
+RowTermsT<Vec> block_terms(int64_t cols, const float* bs, const float* bt, const float* ex,
+                           const float* ey, const Vec& fq, const Vec& fp,
+                           const RowResultT<Vec>& res, const Consts& c, float* qg, float* pg) {
+  const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+  RowTermsT<Vec> terms{zero, zero, zero};
+  for (int64_t k = 0; k < cols; ++k) {
+    const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
+    const ClassTerms<Vec> ct =
+        divergence_terms<DIV>(Vec::loadu(ey + k * R) * fp, Vec::loadu(ex + k * R) * fq,
+                              log_p_of(y, res), log_q_of(x, res), vbeta);
+    terms.value = terms.value + ct.value;
+    terms.gq = terms.gq + ct.qg;
+    terms.gp = terms.gp + ct.pg;
+    ct.qg.store(qg + k * R);
+    ct.pg.store(pg + k * R);
+  }
+  return terms;
+}
+
+template <int KIND, bool HAS_GT, typename T>
+void small_blocks(const DenseProblem& p) {
+  const Consts c(p);
+  const int64_t cols = p.cols;
+  const int64_t blocks = (p.rows + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, 2048 / (R * cols));
+  const T* s_all = static_cast<const T*>(p.student);
+  const T* t_all = static_cast<const T*>(p.teacher);
+  T* gs_all = static_cast<T*>(p.grad_student);
+  T* gt_all = static_cast<T*>(p.grad_teacher);
+  float* loss_rows = static_cast<float*>(p.loss_rows);
+  constexpr bool mixture = KIND == kMixture;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t plane = cols * R;  // one class-major [cols][R] array
+    std::vector<float> scratch(plane * 8);
+    float* bs = scratch.data();  // student logits
+    float* bt = bs + plane;      // teacher logits
+    float* ex = bt + plane;      // exp(x - max_x)
+    float* ey = ex + plane;      // exp(y - max_y)
+    float* es = ey + plane;      // exp(s - max_s), the hard-label term's own softmax (T != 1)
+    float* qg = es + plane;      // mixture divergences' q dphi/dq
+    float* pg = qg + plane;      // ... and p dphi/dp
+    float* gb = pg + plane;      // the gradient being built (student, then teacher)
+    const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * R;
+      const int64_t nr = std::min(R, p.rows - r0);
+      bool counted[R];
+      int64_t label[R];
+      for (int64_t r = 0; r < R; ++r) {
+        counted[r] = r < nr && (!p.mask || p.mask[r0 + r]);
+        label[r] = counted[r] ? c.label_of(p, r0 + r) : -1;
+      }
+      // rows that do not count are never read: their lanes compute on zeros
+      block_in(s_all + r0 * cols, cols, counted, bs);
+      block_in(t_all + r0 * cols, cols, counted, bt);
+      Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
+      for (int64_t k = 0; k < cols; ++k) {
+        vmax_s = at::vec::maximum(vmax_s, Vec::loadu(bs + k * R));
+        vmax_t = at::vec::maximum(vmax_t, Vec::loadu(bt + k * R));
+      }
+      RowStatsT<Vec> st{vmax_s * vinv, zero, vmax_t * vinv, zero, zero};
+      Vec sum_s(0.f);
+      for (int64_t k = 0; k < cols; ++k) {
+        const Vec sv = Vec::loadu(bs + k * R);
+        const Vec x = sv * vinv, y = Vec::loadu(bt + k * R) * vinv;
+        const Vec exv = fast_exp(x - st.max_x), eyv = fast_exp(y - st.max_y);
+        st.sum_x = st.sum_x + exv;
+        st.sum_y = st.sum_y + eyv;
+        if constexpr (KIND == kKL) st.cross = st.cross + ((eyv != zero) & (eyv * (y - x)));
+        if constexpr (KIND == kReverseKL) st.cross = st.cross + ((exv != zero) & (exv * (x - y)));
+        exv.store(ex + k * R);
+        eyv.store(ey + k * R);
+        if (c.ce_separate) {
+          const Vec esv = fast_exp(sv - vmax_s);
+          sum_s = sum_s + esv;
+          esv.store(es + k * R);
+        }
+      }
+      const RowResultT<Vec> res{st.max_x, fast_log(st.sum_x), st.max_y, fast_log(st.sum_y)};
+      const Vec fq = Vec(1.f) / st.sum_x, fp = Vec(1.f) / st.sum_y;
+      RowTermsT<Vec> terms;
+      if constexpr (mixture) {
+        terms = with_mixture_divergence(p.divergence, [&](auto d) {
+          return block_terms<decltype(d)::value>(cols, bs, bt, ex, ey, fq, fp, res, c, qg, pg);
+        });
+      } else {
+        terms = online_row_terms<KIND>(st, res);
+      }
+      // The hard-label term's log-sum-exp at T = 1 and its value per lane.
+      const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
+      const Vec ce_log_sum = c.ce_separate ? fast_log(sum_s) : res.log_sum_x;
+      const Vec fs = c.ce_separate ? Vec(1.f) / sum_s : fq;
+      float s_label[R];
+      for (int64_t r = 0; r < R; ++r) s_label[r] = label[r] < 0 ? 0.f : bs[label[r] * R + r];
+      // Each lane's coefficients: no hard-label term where the row's label does not count.
+      float lane_ce[R], lane_coef[R];
+      ((ce_max + ce_log_sum) - Vec::loadu(s_label)).store(lane_ce);
+      for (int64_t r = 0; r < R; ++r) {
+        lane_ce[r] = label[r] < 0 ? 0.f : lane_ce[r];
+        lane_coef[r] = label[r] < 0 ? 0.f : c.k.ce;
+      }
+      const TermCoefsT<Vec> coefs{Vec(c.k.kd_loss), Vec(c.k.kd_grad), Vec::loadu(lane_coef)};
+      float loss[R], lanes_finite[4][R];
+      (coefs.kd_loss * terms.value + coefs.ce * Vec::loadu(lane_ce)).store(loss);
+      res.max_x.store(lanes_finite[0]);
+      res.max_y.store(lanes_finite[1]);
+      res.log_sum_x.store(lanes_finite[2]);
+      res.log_sum_y.store(lanes_finite[3]);
+      bool finite[R], good[R];
+      for (int64_t r = 0; r < R; ++r) {
+        finite[r] = std::isfinite(lanes_finite[0][r]) && std::isfinite(lanes_finite[1][r]) &&
+                    std::isfinite(lanes_finite[2][r]) && std::isfinite(lanes_finite[3][r]);
+        good[r] = counted[r] && finite[r];
+        if (r < nr) loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
+      }
+      if (!gs_all && !gt_all) continue;
+
+      // Gradients, class-major, then transposed back into each row.
+      auto write_rows = [&](T* out_all) {
+        for (int64_t r = 0; r < nr; ++r) {
+          if (good[r]) continue;
+          T* out = out_all + (r0 + r) * cols;
+          std::fill(out, out + cols, static_cast<T>(counted[r] ? NAN : 0.f));
+        }
+        block_out(gb, cols, good, out_all + r0 * cols);
+      };
+      auto class_terms = [&](int64_t k, const Vec& p_k, const Vec& q_k) {
+        if constexpr (mixture) {
+          return ClassTerms<Vec>{zero, Vec::loadu(qg + k * R), Vec::loadu(pg + k * R)};
+        } else {
+          const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
+          return divergence_terms<KIND>(p_k, q_k, log_p_of(y, res), log_q_of(x, res), vbeta);
+        }
+      };
+      if (gs_all) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const Vec q_k = Vec::loadu(ex + j * R) * fq, p_k = Vec::loadu(ey + j * R) * fp;
+          const Vec sigma = c.ce_separate ? Vec::loadu(es + j * R) * fs : q_k;
+          grad_student_of(class_terms(j, p_k, q_k), q_k, sigma, terms, coefs).store(gb + j * R);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          if (label[r] >= 0) gb[label[r] * R + r] -= c.k.ce;
+        }
+        write_rows(gs_all);
+      }
+      if constexpr (HAS_GT) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const Vec q_k = Vec::loadu(ex + j * R) * fq, p_k = Vec::loadu(ey + j * R) * fp;
+          grad_teacher_of(class_terms(j, p_k, q_k), p_k, terms, coefs).store(gb + j * R);
+        }
+        write_rows(gt_all);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void dense_small(const DenseProblem& p) {
+  with_kind(p.divergence, [&](auto kind) {
+    constexpr int KIND = decltype(kind)::value;
+    KD_DISPATCH_FLOATING(p.dtype, "kd_loss_fwd", [&] {
+      if (p.grad_teacher) {
+        small_blocks<KIND, true, scalar_t>(p);
+      } else {
+        small_blocks<KIND, false, scalar_t>(p);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+KD_NAMESPACE_END
