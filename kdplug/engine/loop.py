@@ -127,6 +127,12 @@ class Trainer:
         self.cfg, self.env, self.phase = cfg, env, phase
         # the transfer-set augmentation belongs to the distillation phase only
         self.kd_augment = cfg.kd_augment if phase == "student" else "none"
+        # A loss may choose how the models are called once it knows them (the fused linear
+        # head needs both models' output heads): it may then change its `requires`, and say so.
+        configure = getattr(loss, "configure_models", None)
+        self.loss_note = (configure(student=model, teacher=teacher,
+                                    cached_teacher=cached_teacher and teacher is None)
+                          if callable(configure) else None)
         self.requires = requirements(loss)
         self.model = model.to(env.device)
         if isinstance(loss, nn.Module):

@@ -72,6 +72,8 @@ class Phases:
                           total_steps=epochs * self.loaders.sampler.batches_per_epoch,
                           teacher=teacher, phase=phase, cached_teacher=cached,
                           steps_per_epoch=self.loaders.sampler.batches_per_epoch)
+        if trainer.loss_note:
+            self.log(f"{phase}: {trainer.loss_note}")
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train,
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
