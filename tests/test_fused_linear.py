@@ -241,3 +241,23 @@ def test_bad_input_is_a_clear_error(kwargs, match):
 def test_a_head_of_the_wrong_width_names_the_expected_shape():
     with pytest.raises(ValueError, match=r"student_weight must be \[vocabulary, 3\]"):
         fused_linear_kd(torch.zeros(4, 3), torch.zeros(10, 4), teacher_logits=torch.zeros(4, 10))
+
+
+def test_torch_compile_traces_it_whole_and_gives_the_same_values():
+    # dynamo inlines the autograd.Function: one graph, the chunk loop unrolled (compile time
+    # grows with the number of chunks), the per-chunk op through its fake kernel
+    x = inputs(rows=13, vocab=60)
+    params = leaves(x, torch.float32)
+
+    def loss(hidden, weight, bias):
+        return fused_linear_kd(hidden, weight, x["teacher_hidden"], x["teacher_weight"],
+                               student_bias=bias, teacher_bias=x["teacher_bias"],
+                               temperature=2.0, chunk_size=5)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(*params)
+    got.backward()
+    want = fused(x, "torch", chunk_size=5, temperature=2.0)
+    torch.testing.assert_close(got, want[0].float())
+    for p, g in zip(params, want[1]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
