@@ -109,6 +109,10 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
     _check_vocabulary(vocab, teacher_vocab)
     if forms[2] and support.is_plain_eager(teacher_topk[0]):  # distinct classes of the student's
         check_topk_values(API, *teacher_topk, vocab, mask, rest)
+    if forms[2] and divergence == "reverse_kl" and rest == "renormalize":
+        raise ValueError(f"{API}: divergence='reverse_kl' against a renormalized top-k teacher "
+                         f"is infinite (the student has mass outside the teacher's k classes); "
+                         f"use rest='bucket'")
     if teacher_bias is not None and not forms[0]:
         raise ValueError(f"{API}: teacher_bias goes with teacher_hidden and teacher_weight")
     temperature = support.check_temperature(API, temperature)

@@ -232,6 +232,8 @@ def test_default_chunk_size_bounds_a_chunks_logits_to_64_mib():
     (dict(teacher_logits=torch.zeros(4, 10), mask=torch.ones(3, dtype=torch.bool)), "mask"),
     (dict(teacher_topk=(torch.tensor([[0, 0]] * 4), torch.zeros(4, 2))), "distinct"),
     (dict(teacher_topk=(torch.tensor([[0, 10]] * 4), torch.zeros(4, 2))), r"\[0, 10\)"),
+    (dict(teacher_topk=(torch.tensor([[0, 1]] * 4), torch.zeros(4, 2)),
+          divergence="reverse_kl"), "rest='bucket'"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
