@@ -27,13 +27,14 @@ from ._topk_op import _check_values as check_topk_values
 
 API = "fused_linear_kd"
 REDUCTIONS = ("batchmean", "sum")
-CHUNK_BYTES = 64 * 2**20  # the float32 logits of one chunk, per side
+CHUNK_BYTES = 64 * 2**20  # the logits of one chunk, per side
 
 
-def default_chunk_size(vocab: int, hidden: int) -> int:
-    """Rows per chunk: one side's float32 logits and hidden rows within CHUNK_BYTES, a multiple
-    of 8 rows (matmul-friendly) when more than 8 fit."""
-    rows = max(1, CHUNK_BYTES // (4 * (vocab + hidden)))
+def default_chunk_size(vocab: int, hidden: int, itemsize: int = 4) -> int:
+    """Rows per chunk: one side's logits and hidden rows (itemsize bytes per element: 4 for
+    float32, 2 for bf16) within CHUNK_BYTES, a multiple of 8 rows (matmul-friendly) when more
+    than 8 fit."""
+    rows = max(1, CHUNK_BYTES // (itemsize * (vocab + hidden)))
     return rows if rows < 8 else rows - rows % 8
 
 
@@ -147,7 +148,7 @@ class _Teacher:
 
     def __init__(self, hidden, weight, bias, logits, topk, vocab: int, dtype) -> None:
         self.dtype, self.topk = dtype, None
-        self.hidden = self.weight = self.bias = self.logits = None
+        self.hidden = self.weight = self.bias = self.logits = self.buffer = None
         if hidden is not None:  # prefix rule: the extra classes are never computed
             self.hidden, self.weight = _rows(hidden).detach(), weight.detach()[:vocab].to(dtype)
             self.bias = None if bias is None else bias.detach()[:vocab].to(dtype)
@@ -159,32 +160,45 @@ class _Teacher:
 
     def logits_of(self, rows: slice) -> torch.Tensor:
         if self.hidden is not None:
-            return F.linear(self.hidden[rows].to(self.dtype), self.weight, self.bias)
-        return self.logits[rows].to(self.dtype)
+            if self.buffer is None:  # one buffer for every chunk (see _linear_into)
+                self.buffer = self.hidden.new_empty((rows.stop - rows.start, self.weight.shape[0]),
+                                                    dtype=self.dtype)
+            return _linear_into(self.buffer, self.hidden[rows].to(self.dtype), self.weight,
+                                self.bias)
+        return self.logits[rows].to(self.dtype).contiguous()
 
 
-def _chunk_native(student, teacher: _Teacher, rows, args, scales):
+def _linear_into(buffer: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
+    """F.linear(h, w, b) written into the first rows of a buffer reused by every chunk: on the
+    CPU a fresh [chunk, V] tensor per chunk would be page-faulted in again each time."""
+    out = buffer[:h.shape[0]]
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+def _chunk_native(student, teacher: _Teacher, rows, args, scales, need_grad):
     """(loss of the chunk, d loss / d student logits) from the op's forward, without autograd."""
     T, divergence, beta, labels, alpha, ignore_index, mask, rest = args
     labels = None if labels is None else labels[rows]
     mask = None if mask is None else mask[rows]
     if teacher.topk is None:
         loss, grad, _ = torch.ops.kdplug.kd_loss_fwd.default(
-            student, teacher.logits_of(rows).contiguous(), T, DIVERGENCES[divergence], beta,
-            labels, alpha, ignore_index, mask, 1, scales, True, False)
+            student, teacher.logits_of(rows), T, DIVERGENCES[divergence], beta,
+            labels, alpha, ignore_index, mask, 1, scales, need_grad, False)
         return loss, grad
     indices, logprobs = teacher.topk
     return torch.ops.kdplug.kd_loss_topk_fwd.default(
         student, indices[rows].contiguous(), logprobs[rows].contiguous(), T,
         DIVERGENCES[divergence], beta, labels, alpha, ignore_index, mask, 1, rest == "bucket",
-        scales, True)
+        scales, need_grad)
 
 
-def _chunk_torch(student, teacher: _Teacher, rows, args, scales):
+def _chunk_torch(student, teacher: _Teacher, rows, args, scales, need_grad):
     """The same through kdplug's pure-PyTorch reference ops and autograd on the chunk alone."""
     T, divergence, beta, labels, alpha, ignore_index, mask, rest = args
     mask = None if mask is None else mask[rows]
-    with torch.enable_grad():
+    with torch.set_grad_enabled(need_grad):
         logits = student.detach().requires_grad_()
         options = dict(divergence=divergence, beta=beta, reduction="none", mask=mask,
                        backend="torch")
@@ -200,14 +214,14 @@ def _chunk_torch(student, teacher: _Teacher, rows, args, scales):
             if mask is not None:
                 ce_rows = torch.where(mask, ce_rows, torch.zeros_like(ce_rows))
             loss = loss + (1 - alpha) * scales[1] * ce_rows.sum()
-        (grad,) = torch.autograd.grad(loss, logits)
+        grad = torch.autograd.grad(loss, logits)[0] if need_grad else None
     return loss.detach(), grad
 
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher, args, reduction, chunk_size, native,
-                compute_dtype):
+                compute_dtype, grad_enabled):
         _, _, _, labels, alpha, ignore_index, mask, _ = args
         rows = hidden.shape[0]
         acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -215,7 +229,7 @@ class _FusedLinearKD(torch.autograd.Function):
                               acc)
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        want = ctx.needs_input_grad
+        want = ctx.needs_input_grad[:3] if grad_enabled else (False,) * 3
         grad_hidden = torch.empty_like(hidden) if want[0] else None
         # the head's gradient sums over every chunk: kept in float32 (float64) whatever w holds
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
@@ -223,19 +237,26 @@ class _FusedLinearKD(torch.autograd.Function):
                      if bias is not None and want[2] else None)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         chunk_loss = _chunk_native if native else _chunk_torch
+        buffer = hidden.new_empty((min(chunk_size, rows), weight.shape[0]), dtype=compute_dtype)
         for start in range(0, rows, chunk_size):
             part = slice(start, min(start + chunk_size, rows))
             h = hidden[part].to(compute_dtype)
-            logits = F.linear(h, w, b).contiguous()
-            loss, grad = chunk_loss(logits, teacher, part, args, scales)
+            loss, grad = chunk_loss(_linear_into(buffer, h, w, b), teacher, part, args, scales,
+                                    any(want))
             total += loss
             if grad_hidden is not None:
-                grad_hidden[part] = grad @ w
+                if grad_hidden.dtype == compute_dtype:
+                    torch.mm(grad, w, out=grad_hidden[part])
+                else:
+                    grad_hidden[part] = grad @ w
             if grad_weight is not None:
-                grad_weight.add_(grad.t() @ h)
+                if grad_weight.dtype == compute_dtype:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight.add_(grad.t() @ h)
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0))
-            del logits, grad
+            del grad  # lets the op reuse its gradient buffer for the next chunk
         ctx.save_for_backward(*(g if g is not None else torch.empty(0)
                                 for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -247,7 +268,7 @@ class _FusedLinearKD(torch.autograd.Function):
         for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(support.scaled_grad(saved, grad_loss, False).to(dtype)
                          if saved.numel() and dtype is not None else None)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> Tuple[torch.dtype, bool]:
@@ -290,8 +311,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         labels, alpha, temperature, divergence, beta, ignore_index, mask: as in kd_loss.
         reduction: "batchmean" (per counted token, CE per labelled token, as kd_loss) or "sum".
             ("none" would need the head's gradient per token, which is what this avoids.)
-        chunk_size: tokens per chunk; default default_chunk_size(V, H) (~64 MiB of float32
-            logits per side).
+        chunk_size: tokens per chunk; default default_chunk_size(V, H, itemsize) (~64 MiB of
+            logits per side in the compute dtype: 120 tokens at V = 128256, H = 4096, float32).
         backend: "auto" (the native per-chunk op when built, else PyTorch), "native", "torch".
 
     Under autocast the matmuls and the op run in autocast's dtype, as F.linear's logits would;
@@ -318,12 +339,13 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             None if mask is None else mask.reshape(-1).contiguous(), rest)
     teacher = _Teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
                        vocab, compute_dtype)
-    chunk = chunk_size or default_chunk_size(vocab, width)
+    chunk = chunk_size or default_chunk_size(vocab, width, compute_dtype.itemsize)
     no_autocast = (torch.autocast(device_type, enabled=False) if autocast
                    else contextlib.nullcontext())
     with no_autocast:
         return _FusedLinearKD.apply(_rows(student_hidden), student_weight, student_bias, teacher,
-                                    args, reduction, chunk, native, compute_dtype)
+                                    args, reduction, chunk, native, compute_dtype,
+                                    torch.is_grad_enabled())
 
 
 def fused_linear_kd_reference(student_hidden, student_weight, teacher_hidden=None,

@@ -219,6 +219,7 @@ def test_default_chunk_size_bounds_a_chunks_logits_to_64_mib():
         assert rows >= 1 and (rows == 1 or rows * 4 * (vocab + width) <= 64 * 2**20)
     assert default_chunk_size(128256, 4096) == 120
     assert default_chunk_size(32000, 256) == 520
+    assert default_chunk_size(32000, 256, itemsize=2) == 1040  # bf16: as many bytes
 
 
 @pytest.mark.parametrize("kwargs, match", [
