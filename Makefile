@@ -17,14 +17,22 @@ $(PY):
 
 # torch first: the native op's build imports it (hence --no-build-isolation below).
 $(VENV)/.torch.stamp: | $(PY)
-	$(PY) -m pip install $(TORCH_PACKAGES) "setuptools>=64" wheel ninja pybind11
+	$(PY) -m pip install $(TORCH_PACKAGES)
 	touch $@
 
-$(VENV)/.kdplug.stamp: $(VENV)/.torch.stamp pyproject.toml setup.py $(CSRC)
+# The rest of pyproject.toml's [build-system] requirements: without build isolation pip checks
+# none of them, and a venv's own setuptools may be too old for the license metadata.
+$(VENV)/.build-tools.stamp: | $(PY)
+	$(PY) -m pip install "setuptools>=77" wheel ninja
+	touch $@
+
+BUILD_DEPS := $(VENV)/.torch.stamp $(VENV)/.build-tools.stamp pyproject.toml setup.py $(CSRC)
+
+$(VENV)/.kdplug.stamp: $(BUILD_DEPS)
 	$(if $(HAS_GPU),,KDPLUG_NO_CUDA=1) $(INSTALL)
 	touch $@
 
-$(VENV)/.kdplug-full.stamp: $(VENV)/.torch.stamp pyproject.toml setup.py $(CSRC)
+$(VENV)/.kdplug-full.stamp: $(BUILD_DEPS)
 	$(INSTALL)
 	touch $@ $(VENV)/.kdplug.stamp
 
@@ -42,4 +50,4 @@ bench: setup
 	$(PY) benchmarks/bench_kd_loss.py
 
 clean:
-	rm -rf build *.egg-info kdplug/_C*.so
+	rm -rf build dist *.egg-info kdplug/_C*.so

@@ -50,15 +50,14 @@ def _default_cuda_home():
             return
 
 
-def _cuda_arch_list(torch):
+def _cuda_arch_list(torch, cuda_home):
     """The portable default plus the visible GPUs' architectures nvcc can compile for."""
     visible = ["{}.{}".format(*torch.cuda.get_device_capability(i))
                for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     try:
-        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-        nvcc_archs = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
-                                    check=True).stdout.split()
-    except (KeyError, OSError, subprocess.CalledProcessError):
+        nvcc_archs = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                                    capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
         nvcc_archs = []
     return FLAGS["cuda_arch_list"](visible, nvcc_archs)
 
@@ -105,18 +104,22 @@ def _build_ext_class(cpp_extension):
 
 class BuildPyWithSources(build_py):
     """Ships csrc/ inside the package (kdplug/_csrc), so the JIT fallback can build the op
-    outside a checkout; an editable install finds csrc/ beside the package instead."""
+    outside a checkout, and recipes/ (kdplug/_recipes), so `kdplug recipes` and `kdplug demo`
+    work from a wheel; an editable install finds both beside the package instead."""
+
+    SHIPPED = {"csrc": "_csrc", "recipes": "_recipes"}
 
     def run(self):
         super().run()
         if getattr(self, "editable_mode", False):
             return
-        for source in sorted(glob.glob(os.path.join("csrc", "**", "*"), recursive=True)):
-            if os.path.isfile(source):
-                target = os.path.join(self.build_lib, "kdplug", "_csrc",
-                                      os.path.relpath(source, "csrc"))
-                self.mkpath(os.path.dirname(target))
-                self.copy_file(source, target)
+        for folder, packaged in self.SHIPPED.items():
+            for source in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+                if os.path.isfile(source):
+                    target = os.path.join(self.build_lib, "kdplug", packaged,
+                                          os.path.relpath(source, folder))
+                    self.mkpath(os.path.dirname(target))
+                    self.copy_file(source, target)
 
 
 def ext_modules_and_cmdclass():
@@ -146,7 +149,7 @@ def ext_modules_and_cmdclass():
 
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(torch)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(torch, cpp_extension.CUDA_HOME)
         # pip's nvidia-* wheels carry headers (cuDNN, NCCL, ...) that torch's CUDA headers may
         # include and a bare toolkit lacks; searched after CUDA_HOME's, never instead of them.
         import site

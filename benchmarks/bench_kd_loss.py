@@ -6,6 +6,8 @@ divergence against kl, and the fused hard-label term against the op plus a separ
     python benchmarks/bench_kd_loss.py --device cuda   # GPU
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
     python benchmarks/bench_kd_loss.py --parts divergences,kdce --no-memory
+    python benchmarks/bench_kd_loss.py --threads 1         # steadier on a shared machine
+    python benchmarks/bench_kd_loss.py --capability all  # native CPU kernels of each capability
 
 Parts:
   table        kl (kd_kl_div) at each shape: native, fallback, eager, torch.compile; memory
@@ -36,6 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kdplug import _cpu_capability
 from kdplug.ops import DIVERGENCES, backend_status, kd_kl_div, kd_loss
 
 T = 2.0
@@ -57,7 +60,7 @@ _compiled = torch.compile(eager_kd)
 
 
 def make_step(variant):
-    if variant == "native":
+    if variant.startswith("native"):  # "native", or "native:<capability>"
         return lambda s, t: kd_kl_div(s, t, T, backend="native")
     if variant == "fallback":
         return lambda s, t: kd_kl_div(s, t, T, backend="torch")
@@ -98,14 +101,22 @@ def copy_bandwidth(nbytes, device, repeats):
     return 2 * n * 4 / statistics.median(times)
 
 
+def prepare(variant):
+    """Selects the CPU kernels a "native:<capability>" variant runs with (outside the timing)."""
+    if variant.startswith("native:"):
+        _cpu_capability.select(variant.split(":", 1)[1], "selected by bench_kd_loss.py")
+
+
 def time_steps(steps, device, repeats):
     """Median ms of each step (a callable), interleaved so a noisy machine slows all alike."""
-    for step in steps.values():  # warm-up: compile, JIT, allocator
+    for v, step in steps.items():  # warm-up: compile, JIT, allocator
+        prepare(v)
         step()
         step()
     times = {v: [] for v in steps}
     for _ in range(repeats):
         for v, step in steps.items():
+            prepare(v)
             sync(device)
             t0 = time.perf_counter()
             step()
@@ -120,10 +131,10 @@ def floor_step(s, t):
     return lambda: torch.add(s.detach(), t, out=out)
 
 
-def time_variants(n, c, dtype, device, repeats):
+def time_variants(n, c, dtype, device, repeats, variants=VARIANTS):
     """Median ms of each variant's forward+backward, and of the floor (s + t into g)."""
     s, t = inputs(n, c, dtype, device)
-    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in VARIANTS}
+    steps = {v: (lambda step=make_step(v): fwd_bwd(step, s, t)) for v in variants}
     steps["floor"] = floor_step(s, t)
     return time_steps(steps, device, repeats)
 
@@ -198,6 +209,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; on a shared machine one thread "
+                             "gives steadier figures, without waits for a descheduled thread)")
+    parser.add_argument("--capability", default=None,
+                        help="CPU kernels for the native column: default, avx2, avx512, or all "
+                             "(one column per capability this CPU supports); default: the one "
+                             "selected at load (KDPLUG_CPU_CAPABILITY, else the best)")
     parser.add_argument("--parts", default="table,divergences,kdce",
                         help="comma-separated: table, divergences, kdce")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -209,6 +227,8 @@ def main():
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"table", "divergences", "kdce"})
     if unknown:
@@ -222,19 +242,33 @@ def main():
         divergence_cases = kdce_cases = cases
 
     status = backend_status()
-    kernels = (status.get("native_cpu_capability") or {}).get("selected", "none")
+    cpu = status["native_cpu_capability"]
+    variants = VARIANTS
+    if args.capability and device == "cpu":
+        if cpu is None:
+            raise SystemExit(f"--capability: the native op is not available ({status['reason']})")
+        usable = _cpu_capability.usable()
+        chosen = usable if args.capability == "all" else [args.capability]
+        if not set(chosen) <= set(usable):
+            raise SystemExit(f"--capability {args.capability}: expected all or one of "
+                             f"{', '.join(usable)} (built and supported here)")
+        variants = [f"native:{c}" for c in chosen] + VARIANTS[1:]
+        _cpu_capability.select(chosen[-1], f"--capability {args.capability}")
+        cpu = _cpu_capability.current()
+        cpu = {"selected": cpu.selected, "reason": cpu.reason}
     name = torch.cuda.get_device_name() if device == "cuda" else (
-        f"CPU ({torch.get_num_threads()} threads, {status['cpu_capability']}; kdplug's CPU "
-        f"kernels: {kernels})")
+        f"CPU ({torch.get_num_threads()} threads, ATen {status['cpu_capability']})")
+    kernels = f"; CPU kernels: {cpu['selected']} ({cpu['reason']})" if cpu else ""
     print(f"kd loss forward+backward, T={T}, on {name}; torch {torch.__version__}; "
-          f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})")
+          f"native: {status['native_source']} ({', '.join(status['native_devices']) or 'none'})"
+          f"{kernels}")
     largest = max(n * c * 4 for n, c, _ in cases)
     bandwidth = copy_bandwidth(largest, device, repeats)
     print(f"copy bandwidth, for reference: {bandwidth / 1e9:.1f} GB/s (read+write of "
           f"{largest / 2**20:.0f} MiB); each row's floor is measured on its own tensors\n")
     report = {"device": name, "bandwidth_gbs": bandwidth / 1e9}
     if "table" in parts:
-        report["rows"] = part_table(cases, device, repeats, args.no_memory)
+        report["rows"] = part_table(cases, device, repeats, args.no_memory, variants)
     if "divergences" in parts:
         report["divergences"] = part_divergences(divergence_cases, device, repeats)
     if "kdce" in parts:
@@ -246,23 +280,28 @@ def dtype_name(dtype):
     return str(dtype).split(".")[-1]
 
 
-def part_table(cases, device, repeats, no_memory):
+def part_table(cases, device, repeats, no_memory, variants=VARIANTS):
+    per_capability = [v for v in variants if v.startswith("native:")]
+    best = per_capability[-1] if per_capability else "native"
     header = (f"{'N x C':>14} {'dtype':>8} {'floor ms':>9} {'GB/s':>6} | "
-              + " | ".join(f"{v:>16}" for v in VARIANTS)
-              + " | native vs eager, vs compile")
+              + " | ".join(f"{v:>16}" for v in variants)
+              + f" | {best} vs eager, vs compile"
+              + (f" | {per_capability[0]} / {best}" if len(per_capability) > 1 else ""))
     print("kl (kd_kl_div), ms of forward+backward (multiple of the floor)")
     print(header)
     print("-" * len(header))
     rows = []
     for n, c, dtype in cases:
         itemsize = torch.tensor([], dtype=dtype).element_size()
-        ms = time_variants(n, c, dtype, device, repeats)
+        ms = time_variants(n, c, dtype, device, repeats, variants)
         floor_ms = ms.pop("floor")
         floor_gbs = 3 * n * c * itemsize / floor_ms / 1e6
-        cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in VARIANTS)
+        cells = " | ".join(f"{ms[v]:8.2f} ({ms[v] / floor_ms:4.1f}x)" for v in variants)
+        slower = (f" | {ms[per_capability[0]] / ms[best]:5.2f}x" if len(per_capability) > 1
+                  else "")
         print(f"{n:>6} x {c:<6} {dtype_name(dtype):>8} {floor_ms:9.3f} {floor_gbs:6.1f} | "
               f"{cells} | "
-              f"{ms['eager'] / ms['native']:5.1f}x, {ms['compile'] / ms['native']:4.1f}x",
+              f"{ms['eager'] / ms[best]:5.1f}x, {ms['compile'] / ms[best]:4.1f}x{slower}",
               flush=True)
         rows.append({"n": n, "c": c, "dtype": str(dtype), "floor_ms": floor_ms,
                      "floor_gbs": floor_gbs, "ms": ms})

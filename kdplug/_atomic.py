@@ -11,9 +11,12 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb") -> None:
+def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb",
+                 durable: bool = True) -> None:
     """Write ``path`` through ``write(file)`` to a temp file, fsync it, os.replace it into place
-    and fsync the folder: a reader (or a resumed run) sees the old file or the new, never half."""
+    and fsync the folder: a reader (or a resumed run) sees the old file or the new, never half.
+    ``durable=False`` leaves out the fsyncs: still whole or absent after a killed process, but
+    not after a power cut (for files a run rewrites from its checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
@@ -21,12 +24,14 @@ def atomic_write(path: Path, write: Callable[[IO], None], mode: str = "wb") -> N
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -66,7 +66,9 @@ def _native_state() -> Tuple[List[str], List[str], str]:
     return torch.ops.kdplug._cpu_capabilities()
 
 
-def _select(name: str, reason: str) -> None:
+def select(name: str, reason: str = "selected in-process") -> None:
+    """Runs the CPU kernels with `name` from now on (tests and benchmarks); ValueError if the CPU
+    or the build lacks it."""
     global _reason
     torch.ops.kdplug._select_cpu_capability(name)
     _reason = reason
@@ -77,7 +79,7 @@ def select_from_env() -> str:
     extension is loaded. Raises CpuCapabilityError naming what the CPU and the build have."""
     compiled, supported, _ = _native_state()
     name, reason = choose(os.environ.get(ENV, "").strip().lower(), compiled, supported)
-    _select(name, reason)
+    select(name, reason)
     return name
 
 
@@ -97,8 +99,8 @@ def usable() -> List[str]:
 def use(name: str) -> Iterator[None]:
     """Runs the CPU kernels with `name` inside the block (tests and benchmarks)."""
     before = current()
-    _select(name, f"selected by {__name__}.use()")
+    select(name, f"selected by {__name__}.use()")
     try:
         yield
     finally:
-        _select(before.selected, before.reason)
+        select(before.selected, before.reason)

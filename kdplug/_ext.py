@@ -65,9 +65,13 @@ def _jit_build() -> None:
     csrc = _csrc_dir()
     if csrc is None:
         raise RuntimeError("no C++ sources to build from (kdplug/_csrc, or csrc/ in a checkout)")
+    order = _build_flags.CAPABILITIES
+    host = _cpu_capability.host_capability()
     requested = os.environ.get(_cpu_capability.ENV, "").strip().lower()
-    capability = (requested if requested in _build_flags.CAPABILITIES
-                  else _cpu_capability.host_capability())
+    # Never compile for more than the host runs: every file of this build gets the flags, its
+    # static initializers included. A request beyond it is refused with a clear error on load.
+    capability = (requested if requested in order and order.index(requested) <= order.index(host)
+                  else host)
     sources = sorted(glob.glob(str(csrc / "*.cpp"))) + sorted(glob.glob(str(csrc / "cpu" / "*.cpp")))
     cpp_extension.load(name=f"kdplug_jit_C_{capability}", sources=sources,
                        extra_include_paths=[str(csrc)],

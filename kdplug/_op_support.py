@@ -135,17 +135,33 @@ def is_plain_eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
+#: Marks a gradient tensor that is exactly 1 (set by backward_with_unit_gradient).
+UNIT_GRADIENT = "_kdplug_unit_gradient"
+
+
+def backward_with_unit_gradient(loss: torch.Tensor) -> None:
+    """``loss.backward()``, with its gradient of 1 marked as such: an op whose output is the
+    loss itself then knows it without reading the value (which would wait for the GPU)."""
+    one = torch.ones_like(loss)
+    setattr(one, UNIT_GRADIENT, True)
+    loss.backward(one)
+
+
 def scaled_grad(saved_grad: torch.Tensor, grad_loss: torch.Tensor, per_row: bool):
     """The saved d(loss)/d(logits) times the incoming gradient.
 
-    The forward already folded the reduction into the saved gradient, so with the usual incoming
-    gradient of exactly 1 (`loss.backward()`) the saved tensor is the answer and backward moves no
-    memory at all. That check reads one number (a device sync on a GPU, as Liger-Kernel does); it
-    is skipped while tracing (torch.compile, opcheck), where the multiply fuses anyway.
+    The forward already folded the reduction into the saved gradient, so with an incoming
+    gradient of exactly 1 the saved tensor is the answer and backward moves no memory at all.
+    That is known without a device sync when the caller marked it
+    (:func:`backward_with_unit_gradient`), or by reading the number on the CPU, where a read
+    waits for nothing; on a GPU an unmarked gradient is multiplied in. Never while tracing
+    (torch.compile, opcheck), where the multiply fuses anyway.
     """
     if per_row:
         return (saved_grad * grad_loss.unsqueeze(-1)).to(saved_grad.dtype)
-    if is_plain_eager(grad_loss) and grad_loss.item() == 1.0:
+    if is_plain_eager(grad_loss) and (
+            getattr(grad_loss, UNIT_GRADIENT, False)
+            or (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0)):
         return saved_grad
     return (saved_grad * grad_loss).to(saved_grad.dtype)
 

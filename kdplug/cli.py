@@ -20,7 +20,7 @@ from .api import plugin_report
 from .cache.config import CacheConfig
 from .cli_options import given_settings, settings_options
 from .engine.config import DistillConfig
-from .errors import KdplugError, PluginError, PluginLoadWarning
+from .errors import KdplugError, MissingExtraWarning, PluginError, PluginLoadWarning
 
 
 class KdplugGroup(click.Group):
@@ -74,9 +74,10 @@ class KdplugGroup(click.Group):
 
 
 def _plugin_warnings_as_messages(show: Callable[..., None]) -> Callable[..., None]:
-    # A plugin that failed to load is news for the user, not a source location to debug.
+    # A plugin that failed to load, or a missing extra, is news for the user, not a source
+    # location to debug.
     def show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore
-        if issubclass(category, PluginLoadWarning):
+        if issubclass(category, (PluginLoadWarning, MissingExtraWarning)):
             click.echo(f"Warning: {message}", err=True)
         else:
             show(message, category, filename, lineno, file, line)
@@ -137,7 +138,9 @@ def demo(out: Any, seed: Any, device: Any, threads: Any, quiet: Any) -> None:
     click.echo(demo_summary())
     result = run_demo(out=out, seed=seed, device=device, threads=threads, quiet=quiet)
     click.echo(result.table())
-    click.echo(f"report: {result.out / 'report.json'}  curves: {result.out / 'curves.png'}")
+    curves = result.out / "curves.png"
+    click.echo(f"report: {result.out / 'report.json'}"
+               + (f"  curves: {curves}" if curves.exists() else ""))
 
 
 @cli.command()

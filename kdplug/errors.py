@@ -33,6 +33,10 @@ class PluginLoadWarning(UserWarning):
     """A plugin could not be imported and was skipped; the others still load."""
 
 
+class MissingExtraWarning(UserWarning):
+    """An optional part (e.g. the plots) is skipped because its extra is not installed."""
+
+
 class UnknownOptionError(KdplugError, TypeError):
     """A factory was given an option it does not take; the message names the closest one and
     lists those it takes. (A TypeError too: Python raises one for an unexpected keyword.)"""

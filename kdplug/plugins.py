@@ -1,11 +1,15 @@
 """The plugin manager: finds plugins through entry points, loads them once, remembers what failed.
 
-Built-in plugins (kdplug_cifar, kdplug_transformer) and third-party ones are found the same way:
-entry points of the group ``kdplug``. Two environment variables choose among them, by plugin
-(entry-point) name:
+Built-in plugins (kdplug_cifar, kdplug_transformer, kdplug.losses, ...) and third-party ones are
+found the same way: entry points of the group ``kdplug``. Two environment variables choose among
+them, by plugin (entry-point) name:
 
-  KDPLUG_DISABLE_PLUGINS=a,b   load every plugin except a and b
-  KDPLUG_LOAD_PLUGINS=a,b      load only a and b (set but empty: load none)
+  KDPLUG_DISABLE_PLUGINS=a,b   load every plugin except a and b (built-ins included)
+  KDPLUG_LOAD_PLUGINS=a,b      of the third-party plugins, load only a and b (set but empty: none)
+
+Built-ins (the entry points of the kdplug distribution itself) load unless disabled by name, as
+pytest's own plugins do unless `-p no:NAME`: narrowing the third-party set never loses kdplug's
+losses or models.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .errors import KdplugError, PluginError, PluginLoadWarning, UnknownHookErro
 from .registry import Registry, build_registry
 
 ENTRY_POINT_GROUP = "kdplug"
+BUILTIN_DISTRIBUTION = "kdplug"  # its entry points are the built-in plugins
 DISABLE_ENV = "KDPLUG_DISABLE_PLUGINS"
 LOAD_ENV = "KDPLUG_LOAD_PLUGINS"
 
@@ -137,7 +142,7 @@ class PluginManager(pluggy.PluginManager):
             if self.is_blocked(name):
                 self.skipped.append(SkippedPlugin(name, dist.name, dist.version,
                                                   f"disabled by {DISABLE_ENV}"))
-            elif allowed is not None and name not in allowed:
+            elif allowed is not None and name not in allowed and not _is_builtin(dist):
                 self.skipped.append(SkippedPlugin(name, dist.name, dist.version,
                                                   f"not listed in {LOAD_ENV}"))
             else:
@@ -173,6 +178,15 @@ class PluginManager(pluggy.PluginManager):
             parts.append(f"{hook!r}" + (f" (did you mean {match!r}?)" if match else ""))
         return (f"{where} implements unknown hook {', '.join(parts)}. kdplug's hooks are: "
                 f"{', '.join(known)}. Fix the name, or skip the plugin with {DISABLE_ENV}={name}")
+
+
+def _is_builtin(dist: Distribution) -> bool:
+    return dist.name.lower().replace("_", "-") == BUILTIN_DISTRIBUTION
+
+
+def builtin_plugin_names() -> List[str]:
+    """The entry-point names of kdplug's own plugins."""
+    return sorted({ep.name for dist, ep in _entry_points(ENTRY_POINT_GROUP) if _is_builtin(dist)})
 
 
 def _names_from_env(variable: str) -> Optional[Set[str]]:

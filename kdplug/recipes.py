@@ -41,12 +41,14 @@ class Recipe:
 
 
 def recipes_dir() -> Path:
-    """``$KDPLUG_RECIPES_DIR``, else the ``recipes/`` folder beside the kdplug package (a source
-    checkout or an editable install)."""
+    """``$KDPLUG_RECIPES_DIR``, else the recipes shipped in the package (``kdplug/_recipes``, a
+    wheel), else the ``recipes/`` folder beside the package (a checkout or an editable install)."""
     env = os.environ.get(RECIPES_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "recipes"
+    package = Path(__file__).resolve().parent
+    shipped = package / "_recipes"
+    return shipped if shipped.is_dir() else package.parent / "recipes"
 
 
 def _notes(path: Path) -> List[str]:

@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Optional
 
 import pytest
 
-from kdplug.plugins import DISABLE_ENV, LOAD_ENV, reset_plugin_manager
+from kdplug.plugins import DISABLE_ENV, LOAD_ENV, builtin_plugin_names, reset_plugin_manager
 
 
 def pytest_sessionstart(session):
@@ -66,7 +66,8 @@ def pytest_collection_modifyitems(config, items):
             duplicates.append(item)
     if duplicates:
         config.hook.pytest_deselected(items=duplicates)
-        items[:] = [item for item in items if item not in set(duplicates)]
+        dropped = set(duplicates)
+        items[:] = [item for item in items if item not in dropped]
 
 
 @pytest.fixture
@@ -107,6 +108,7 @@ def fresh_plugins():
 def no_installed_plugins(monkeypatch, fresh_plugins):
     """Only the plugins a test registers itself (no entry point is loaded)."""
     monkeypatch.setenv(LOAD_ENV, "")
+    monkeypatch.setenv(DISABLE_ENV, ",".join(builtin_plugin_names()))
 
 
 def write_distribution(site: Path, name: str, version: str, modules: Dict[str, str],

@@ -93,7 +93,7 @@ def test_kdplug_errors_print_a_message_not_a_traceback(no_installed_plugins):
 def test_no_plugins_loaded_and_why(no_installed_plugins):
     output = invoke("plugins").output
     assert output.startswith("no plugins loaded\nskipped:\n")
-    assert "  cifar  (kdplug 0.1.0): not listed in KDPLUG_LOAD_PLUGINS\n" in output
+    assert "  cifar  (kdplug 0.1.0): disabled by KDPLUG_DISABLE_PLUGINS\n" in output
 
 
 # ----------------------------------------------------------------------------- generated options

@@ -287,3 +287,33 @@ def test_demo_plumbing_with_one_epoch(tmp_path):
     assert result.report["data"] == "digits" and result.report["student"]["epochs"] == 1
     assert "student (scratch)" in result.table()
     assert "200 labelled" in demo_summary()
+
+
+def test_a_loss_that_uses_no_teacher_trains_the_student_alone(tmp_path):
+    out = tmp_path / "alone"
+    result = CliRunner().invoke(cli, [
+        "distill", "--student", "cnn-student", "--data", "generated", "--loss", "ce", "--epochs",
+        "1", "--batch-size", "16", "--quiet", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.splitlines()[2:] if line.strip()]
+    assert rows[0] == "student" and "student (distilled)" not in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "teacher" not in report and report["student"]["epochs"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["student.pt"]
+    # the student learns exactly as in a run with a teacher that its loss never reads
+    with_teacher = distill(**{**TINY, "teacher_epochs": 0, "epochs": 1}, loss="ce",
+                           out=str(tmp_path / "with-teacher"))
+    assert with_teacher.student.loss == report["student"]["loss"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(loss="kd+ce"), r"the loss 'kd\+ce' learns from a teacher, and none was given: pass "
+                         r"--teacher NAME .*--loss ce"),
+    (dict(loss="ce", teacher_checkpoint="teacher.pt"), r"teacher_checkpoint needs the teacher's "
+                                                       r"name too"),
+])
+def test_a_run_without_a_teacher_needs_a_loss_that_uses_none(tmp_path, options, message):
+    with pytest.raises(kdplug.KdplugError, match=message):
+        distill(student="cnn-student", data="generated", **options, out=str(tmp_path / "run"),
+                callbacks=[NoTraining()])
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written

@@ -13,6 +13,7 @@ from kdplug.ops import DIVERGENCES, kd_kl_div, kd_loss, kd_loss_reference
 
 from test_ops import LOW_PRECISION
 
+pytestmark = pytest.mark.usefixtures("cpu_capability")
 NATIVE = _ext.native_status().available
 needs_native = pytest.mark.skipif(not NATIVE, reason="native op not built")
 BACKENDS = ["torch"] + (["native"] if NATIVE else [])
@@ -315,8 +316,10 @@ def test_portable_kernel_runs_the_gpu_arithmetic_correctly(name, shape):
                 None, True, True)
         fast = torch.ops.kdplug.kd_loss_fwd(*args)
         portable = torch.ops.kdplug.kd_loss_fwd_portable(*args)
+        # the baseline build's exp/log differ from the portable path's libm by a few ulps, which
+        # log-ratios of size ~10 (reverse_kl) lift to a few 1e-6 of the largest gradient
         for a, b in zip(fast, portable):
-            torch.testing.assert_close(a, b, rtol=5e-5, atol=2e-6)
+            assert_close_scaled(a, b.double(), 5e-5, floor=2e-6)
 
 
 @needs_native

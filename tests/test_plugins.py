@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from importlib import metadata
 import sys
 
 import pluggy
@@ -10,7 +9,7 @@ import pytest
 
 import kdplug
 from kdplug.errors import PluginError, PluginLoadWarning, UnknownHookError
-from kdplug.plugins import get_plugin_manager, reset_plugin_manager
+from kdplug.plugins import builtin_plugin_names, get_plugin_manager, reset_plugin_manager
 
 GOOD_PLUGIN = '''
 import kdplug
@@ -100,9 +99,7 @@ def test_failed_plugins_are_shown_by_the_text_listing(run_kdplug, site):
 
 
 def test_disable_list_blocks_plugins(run_kdplug, site):
-    builtins = sorted(ep.name for ep in metadata.distribution("kdplug").entry_points
-                      if ep.group == "kdplug")
-    blocked = ["broken", *builtins]
+    blocked = ["broken", *builtin_plugin_names()]
     data, _ = report(run_kdplug, site, KDPLUG_DISABLE_PLUGINS=" , ".join(blocked))
     assert set(by_name(data)) == {"good"}
     assert data["failed"] == []
@@ -110,17 +107,27 @@ def test_disable_list_blocks_plugins(run_kdplug, site):
         (name, "disabled by KDPLUG_DISABLE_PLUGINS") for name in blocked}
 
 
-def test_load_list_loads_only_those(run_kdplug, site):
+def test_load_list_loads_only_those_third_party_plugins_and_every_builtin(run_kdplug, site):
     data, stderr = report(run_kdplug, site, KDPLUG_LOAD_PLUGINS="good,nosuch")
-    assert set(by_name(data)) == {"good"}
+    assert set(by_name(data)) == {"good", *builtin_plugin_names()}
     assert data["failed"] == []  # broken was never imported
     assert "KDPLUG_LOAD_PLUGINS names 'nosuch', but no installed plugin is called that" in stderr
 
 
-def test_empty_load_list_loads_none(run_kdplug, site):
+def test_builtin_losses_survive_a_load_list_naming_only_a_third_party_plugin(run_kdplug, site):
+    data, _ = report(run_kdplug, site, KDPLUG_LOAD_PLUGINS="good")
+    assert {"ce", "kd", "kd+ce"} <= set(by_name(data)["losses"]["registered"]["loss"])
+
+
+def test_empty_load_list_loads_only_the_builtins(run_kdplug, site):
     data, _ = report(run_kdplug, site, KDPLUG_LOAD_PLUGINS="")
-    assert data["plugins"] == [] and data["failed"] == []
-    assert {s["name"] for s in data["skipped"]} >= {"good", "broken", "cifar", "transformer"}
+    assert set(by_name(data)) == set(builtin_plugin_names()) and data["failed"] == []
+    assert {s["name"] for s in data["skipped"]} == {"good", "broken"}
+
+
+def test_a_builtin_is_left_out_only_by_the_disable_list(run_kdplug, site):
+    data, _ = report(run_kdplug, site, KDPLUG_LOAD_PLUGINS="good", KDPLUG_DISABLE_PLUGINS="cifar")
+    assert "cifar" not in by_name(data) and "transformer" in by_name(data)
 
 
 def test_misspelt_hook_in_installed_plugin_fails_loudly(run_kdplug, tmp_path, make_distribution):
@@ -140,7 +147,8 @@ def test_same_distribution_twice_on_path_loads_once(monkeypatch, fresh_plugins, 
     monkeypatch.syspath_prepend(str(site))
     try:
         pm = get_plugin_manager()
-        assert [name for name, _ in pm.list_name_plugin()] == ["good"]
+        names = [name for name, _ in pm.list_name_plugin()]
+        assert names.count("good") == 1 and set(names) == {"good", *builtin_plugin_names()}
         assert pm.failed == []
     finally:
         sys.modules.pop("kdplug_good", None)
@@ -152,6 +160,7 @@ def test_two_distributions_claiming_one_plugin_name(monkeypatch, fresh_plugins, 
         make_distribution(tmp_path / dist, dist, "1.0", {}, {"same": "kdplug_cifar"})
         monkeypatch.syspath_prepend(str(tmp_path / dist))
     monkeypatch.setenv("KDPLUG_LOAD_PLUGINS", "same")
+    monkeypatch.setenv("KDPLUG_DISABLE_PLUGINS", "cifar")  # the built-in of the same module
     with pytest.warns(PluginLoadWarning, match="'same'"):
         pm = get_plugin_manager()
     assert pm.has_plugin("same")

@@ -62,7 +62,7 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest():
     assert str(error.value).startswith("unknown teacher 'mlp-larg'; did you mean 'mlp-large'? "
                                        "Known teachers: 'cnn-large', 'mlp-large' Installed "
                                        "plugins that were not loaded (the name may be theirs): ")
-    assert str(error.value).endswith(" (not listed in KDPLUG_LOAD_PLUGINS)")  # all left out here
+    assert str(error.value).endswith(" (disabled by KDPLUG_DISABLE_PLUGINS)")  # all left out here
     assert isinstance(error.value, (KdplugError, LookupError, ValueError))
 
 
@@ -133,15 +133,15 @@ def test_create_passes_options_and_records_the_origin():
             register("scaled", lambda scale=1.0: (lambda s, t, batch: scale * (s - t).sum()),
                      description="test loss")
 
-    kdplug.register_plugin(Plugin, name="losses")
+    kdplug.register_plugin(Plugin, name="my-losses")
     try:
         loss = kdplug.create_loss("scaled", scale=2.0)
         assert loss(torch.ones(2), torch.zeros(2), None).item() == 4.0
         entry = kdplug.list_losses()["scaled"]
         assert (entry.kind, entry.name, entry.plugin, entry.info) == (
-            "loss", "scaled", "losses", {"description": "test loss"})
+            "loss", "scaled", "my-losses", {"description": "test loss"})
     finally:
-        kdplug.unregister_plugin("losses")
+        kdplug.unregister_plugin("my-losses")
 
 
 def test_empty_name_is_refused():

@@ -15,13 +15,14 @@ import torch
 import kdplug
 from kdplug.engine import distill
 from kdplug.engine.checkpoint import load_checkpoint
+from kdplug.engine.meters import EPOCH_PARTS
 
 # digits with random shifts: data order, augmentation and dropout all draw random numbers
 RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
            data_options={"train_size": 128, "augment": 1}, student_options={"dropout": 0.2},
            epochs=2, teacher_epochs=2, batch_size=32, baseline=True, quiet=True,
            checkpoint_every=3, seed=3)
-TIMING = ("epoch_time_s", "samples_per_s")
+TIMING = ("epoch_time_s", "samples_per_s") + tuple(f"{part}_time_s" for part in EPOCH_PARTS)
 
 
 class Interrupt(Exception):

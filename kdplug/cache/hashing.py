@@ -7,7 +7,6 @@ All of them are plugin-agnostic: they look only at ``state_dict`` tensors and at
 from __future__ import annotations
 
 import hashlib
-import random
 import re
 from typing import Any, Dict, List, Optional
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from ..engine.batching import mix_seed
+from ..engine.batching import load_seeded_item, mix_seed
 
 __all__ = ["weights_hash", "item_digest", "probe_indices", "order_fingerprint", "transform_info",
            "load_seeded"]
@@ -78,15 +77,7 @@ def item_digest(item: Any) -> str:
 def load_seeded(dataset: Dataset, index: int, seed: int, epoch: int) -> Any:
     """``dataset[index]`` with torch's and Python's RNGs seeded exactly as the engine's
     SeededDataset seeds them for (seed, epoch, index); the global RNGs are left as they were."""
-    item_seed = mix_seed(seed, epoch, index)
-    torch_state, python_state = torch.get_rng_state(), random.getstate()
-    torch.manual_seed(item_seed)
-    random.seed(item_seed)
-    try:
-        return dataset[index]
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
+    return load_seeded_item(dataset, index, mix_seed(seed, epoch, index), python_random=True)
 
 
 def probe_indices(size: int, count: int = ORDER_PROBES) -> List[int]:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import DataSplits
-from ..engine.batching import check_batch
+from ..engine.batching import check_batch, load_items
 from ..engine.config import DistillConfig
 from ..engine.distributed import DistEnv
 from .format import FORMAT_VERSION, CacheCorruptError, CacheError
@@ -100,6 +100,10 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return index, self.view, self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Any]:
+        return [(index, self.view, item)
+                for index, item in zip(indices, load_items(self.dataset, indices))]
 
 
 class CachedCollate:

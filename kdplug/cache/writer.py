@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from .._version import __version__
 from .._writable import check_writable, creating_folder
 from ..data import DataSplits
-from ..engine.batching import ShardSampler, call_model, check_batch, collate, probe_batch, to_device
+from ..engine.batching import (SeededDataset, ShardSampler, call_model, check_batch, collate,
+                               probe_batch, to_device)
 from ..engine.components import Source, build_data, build_teacher
 from ..engine.distributed import DistEnv, setup
 from ..engine.evaluate import evaluate
@@ -39,7 +40,7 @@ from .format import (CHUNK_DIR, DTYPES, FORMAT, FORMAT_VERSION, HASH, MANIFEST, 
                      CacheMismatchError, NpyWriter, atomic_write_json, canonical, chunk_ranges,
                      describe_differences, file_digest, fsync_dir, index_dtype, read_json, short,
                      to_storage, unit_stem, write_npy)
-from .hashing import load_seeded, order_fingerprint, transform_info, weights_hash
+from .hashing import order_fingerprint, transform_info, weights_hash
 
 __all__ = ["cache_teacher", "CacheResult", "IDENTITY_SECTIONS"]
 
@@ -144,15 +145,16 @@ class _ViewItems(Dataset):
     """Items keyed by (view, index): loaded as the engine loads epoch ``view``'s item ``index``."""
 
     def __init__(self, dataset: Dataset, seed: int, seeded: bool) -> None:
-        self.dataset, self.seed, self.seeded = dataset, seed, seeded
+        self.dataset = SeededDataset(dataset, seed) if seeded else dataset
+        self.seeded = seeded
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         view, index = key
-        if self.seeded:
-            return load_seeded(self.dataset, index, self.seed, view)
+        if self.seeded and view != self.dataset.epoch:
+            self.dataset.set_epoch(view)
         return self.dataset[index]
 
 

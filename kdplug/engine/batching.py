@@ -9,17 +9,20 @@ provider's ``DataSplits.collate_fn`` overrides it. Models are called as
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
-from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate
+from torch.utils.data import Dataset, Sampler, Subset, TensorDataset, default_collate
 
 from ..errors import KdplugError
 from ..output_head import head_output
 from ..outputs import ModelOutput, as_model_output
 
 __all__ = ["collate", "to_device", "call_model", "requirements", "EpochSampler", "ShardSampler",
-           "SeededDataset", "REQUIREMENTS"]
+           "SeededDataset", "EpochKeys", "EpochItems", "load_items", "load_seeded_item",
+           "uses_python_random",
+           "holds_fixed_tensors", "REQUIREMENTS"]
 
 REQUIREMENTS = ("hidden_states", "attentions", "output_head")
 
@@ -78,12 +81,19 @@ def call_model(model: Callable, batch: Dict[str, Any], requires: FrozenSet[str] 
 
 # ----------------------------------------------------------------------------- data order
 
+_MIX_START, _MASK64 = 0x243F6A8885A308D3, 0xFFFFFFFFFFFFFFFF
+
+
+def _mix(h: int, part: int) -> int:
+    h = ((h ^ (int(part) & _MASK64)) * 0x100000001B3) & _MASK64
+    return h ^ (h >> 29)
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from small ints (deterministic across processes and Python versions)."""
-    h = 0x243F6A8885A308D3
+    h = _MIX_START
     for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
+        h = _mix(h, p)
     return h & 0x7FFFFFFFFFFFFFFF
 
 
@@ -147,35 +157,163 @@ class ShardSampler(Sampler[int]):
 class SeededDataset(Dataset):
     """Makes a training item's randomness (augmentation) a function of (seed, epoch, index).
 
-    Each ``dataset[i]`` runs with torch's and Python's global RNGs seeded from (seed, epoch, i)
-    and restored afterwards, so the same item gets the same augmentation whichever process or
-    DataLoader worker loads it, and whether or not the run was resumed midway.
+    Each ``dataset[i]`` runs with torch's CPU generator (what torchvision's transforms draw from)
+    seeded from (seed, epoch, i) and restored afterwards, so the same item gets the same
+    augmentation whichever process or DataLoader worker loads it, and whether or not the run was
+    resumed midway. Python's ``random`` is seeded and restored the same way only for a data set
+    that draws from it (:func:`uses_python_random`): that round trip costs more than a small
+    item. CUDA generators are never touched (seeding them per item is what made it slow).
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, python_random: Optional[bool] = None) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.python_random = (uses_python_random(dataset, seed) if python_random is None
+                              else bool(python_random))
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._epoch_hash = _mix(_mix(_MIX_START, self.seed), epoch)  # mix_seed's first two parts
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def item_seed(self, index: int) -> int:
+        return _mix(self._epoch_hash, index) & 0x7FFFFFFFFFFFFFFF  # mix_seed(seed, epoch, index)
+
     def __getitem__(self, index: int) -> Any:
-        seed = mix_seed(self.seed, self.epoch, index)
-        torch_state, python_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
-        random.seed(seed)
+        return load_seeded_item(self.dataset, index, self.item_seed(index), self.python_random)
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Any]:
+        """A batch's items (DataLoader calls this): the RNG states are saved and restored once
+        per batch, and each item is seeded as :meth:`__getitem__` seeds it."""
+        generator = torch.default_generator
+        torch_state = generator.get_state()
+        python_state = random.getstate() if self.python_random else None
         try:
-            return self.dataset[index]
+            items = []
+            for index in indices:
+                item_seed = self.item_seed(index)
+                generator.manual_seed(item_seed)
+                if python_state is not None:
+                    random.seed(item_seed)
+                items.append(self.dataset[index])
+            return items
         finally:
-            torch.set_rng_state(torch_state)
+            generator.set_state(torch_state)
+            if python_state is not None:
+                random.setstate(python_state)
+
+
+def load_seeded_item(dataset: Dataset, index: int, item_seed: int, python_random: bool) -> Any:
+    """``dataset[index]`` with torch's CPU generator (and, if ``python_random``, Python's
+    ``random``) seeded with ``item_seed``; both are left as they were."""
+    generator = torch.default_generator
+    torch_state = generator.get_state()
+    generator.manual_seed(item_seed)
+    if python_random:
+        python_state = random.getstate()
+        random.seed(item_seed)
+    try:
+        return dataset[index]
+    finally:
+        generator.set_state(torch_state)
+        if python_random:
             random.setstate(python_state)
+
+
+#: how many items :func:`uses_python_random` loads to find out
+PYTHON_RANDOM_PROBES = 4
+
+
+def uses_python_random(dataset: Dataset, seed: int = 0) -> bool:
+    """Whether loading items draws from Python's ``random``.
+
+    A data set may say so itself with a ``uses_python_random`` attribute (True or False); that
+    is the way for one that draws only for some items. Otherwise a few items spread over the
+    data set are loaded, seeded as in training, and Python's random state compared before and
+    after each; it is left as it was.
+    """
+    declared = getattr(dataset, "uses_python_random", None)
+    if declared is not None:
+        return bool(declared)
+    if holds_fixed_tensors(dataset):
+        return False
+    size = len(dataset)  # type: ignore[arg-type]
+    state = random.getstate()
+    try:
+        for index in range(0, size, max(1, size // PYTHON_RANDOM_PROBES))[:PYTHON_RANDOM_PROBES]:
+            random.seed(mix_seed(seed, 0, index))
+            before = random.getstate()
+            load_seeded_item(dataset, index, mix_seed(seed, 0, index), python_random=False)
+            if random.getstate() != before:
+                return True
+        return False
+    finally:
+        random.setstate(state)
+
+
+def holds_fixed_tensors(dataset: Dataset) -> bool:
+    """True for data sets whose items are fixed tensors already in memory: a TensorDataset, a
+    Subset of one, or a data set that says so with ``fixed_tensors = True``. Their items need no
+    seeding and no worker processes."""
+    declared = getattr(dataset, "fixed_tensors", None)
+    if declared is not None:
+        return bool(declared)
+    if isinstance(dataset, Subset):
+        return holds_fixed_tensors(dataset.dataset)
+    return isinstance(dataset, TensorDataset)
 
 
 def needs_seeding(dataset: Dataset) -> bool:
     """False for data sets known to hold fixed tensors (no per-item randomness to pin down)."""
-    return not isinstance(dataset, TensorDataset)
+    return not holds_fixed_tensors(dataset)
+
+
+class EpochKeys(Sampler):
+    """The indices of an :class:`EpochSampler` as ``(epoch, index)`` keys, for
+    :class:`EpochItems`."""
+
+    def __init__(self, sampler: EpochSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochItems(Dataset):
+    """``dataset[(epoch, index)]``: sets the epoch of ``dataset`` (``set_epoch``) in the process
+    that loads the item, then loads it. A persistent DataLoader worker keeps its own copy of the
+    data set, which the main process's ``set_epoch`` never reaches; the key carries the epoch
+    there."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Tuple[int, int]]) -> List[Any]:
+        for epoch, _ in keys[:1]:  # a batch's keys share their epoch
+            if epoch != self.epoch:
+                self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+                self.epoch = epoch
+        return load_items(self.dataset, [index for _, index in keys])
+
+
+def load_items(dataset: Dataset, indices: Sequence[int]) -> List[Any]:
+    """``dataset``'s items at ``indices``, through its ``__getitems__`` when it has one (as
+    DataLoader does: a SeededDataset seeds a whole batch at once)."""
+    many = getattr(dataset, "__getitems__", None)
+    return many(indices) if many is not None else [dataset[i] for i in indices]
 
 
 def first_items(dataset: Dataset, count: int) -> List[Any]:

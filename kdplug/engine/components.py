@@ -33,6 +33,7 @@ from .distributed import DistEnv
 
 __all__ = ["Source", "BuiltModel", "Components", "build_components", "build_data", "build_model",
            "build_teacher", "build_loss", "model_options", "factory_options", "display_name",
+           "uses_teacher", "check_teacher_given",
            "SEED_TEACHER_INIT", "SEED_STUDENT_INIT"]
 
 #: Seed keys of the models' initial weights (mixed with the run's seed): a teacher built by
@@ -202,7 +203,7 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     and the loss, moved to ``env.device``."""
     teacher_source = sources.get("teacher")
     teacher = None
-    if _teacher_needed(cfg, teacher_source):
+    if (teacher_source is not None or cfg.teacher_cache) and _teacher_needed(cfg, teacher_source):
         teacher = build_teacher(teacher_source, splits, cfg.teacher_options, cfg.seed,
                                 cfg.teacher_checkpoint)
     student = build_model(sources["student"], splits, cfg.student_options, cfg.seed)
@@ -218,6 +219,27 @@ def build_components(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]
     return Components(splits=splits, collate=splits.collate_fn or default_collate,
                       teacher=teacher, student=student, scratch=scratch, loss=loss,
                       requires=requirements(loss), teacher_options=teacher_options)
+
+
+def uses_teacher(loss: Source) -> bool:
+    """Whether a loss reads the teacher's output, from its ``uses_teacher`` attribute (on the
+    registered class or factory, or on the object): True unless it says otherwise."""
+    return bool(getattr(loss.registration.factory if loss.by_name else loss.obj, "uses_teacher",
+                        True))
+
+
+def check_teacher_given(cfg: DistillConfig, sources: Mapping[str, Optional[Source]]) -> None:
+    """A run without a teacher (or a teacher cache) needs a loss that uses none."""
+    if sources.get("teacher") is not None or cfg.teacher_cache:
+        return
+    if cfg.teacher_checkpoint:
+        raise ConfigError("teacher_checkpoint needs the teacher's name too (--teacher NAME): "
+                          "the checkpoint's weights are loaded into it")
+    loss = sources["loss"]
+    if uses_teacher(loss):
+        raise ConfigError(f"the loss {loss.name!r} learns from a teacher, and none was given: "
+                          "pass --teacher NAME (or --teacher-cache DIR), or train the student "
+                          "alone with a loss that uses no teacher (--loss ce)")
 
 
 def _teacher_needed(cfg: DistillConfig, source: Optional[Source]) -> bool:

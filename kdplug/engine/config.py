@@ -44,7 +44,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 #: Keys that may change between a run and its --resume (they do not change what is computed).
 RESUME_IDENTITY_EXCLUDES = frozenset({
     "out", "resume", "overwrite", "device", "quiet", "num_workers", "threads", "checkpoint_every",
-    "eval_batch_size", "baseline", "teacher_cache_verify",
+    "eval_batch_size", "eval_every", "baseline", "teacher_cache_verify",
 })
 CACHE_VERIFY_MODES = ("full", "lazy", "size")
 
@@ -105,13 +105,18 @@ class DistillConfig:
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
     amp: str = setting("none", choices=AMP_MODES,
                        help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
-    num_workers: int = setting(0, help="DataLoader worker processes.")
+    num_workers: Optional[int] = setting(
+        None, default_text="auto",
+        help="DataLoader worker processes per split (auto: none where items load faster than a "
+             "worker hands them over, else the cores less one, at most 8).")
     threads: Optional[int] = setting(None, default_text="torch's choice",
                                      help="torch CPU threads for the run.")
     kd_augment: str = setting("none", choices=KD_AUGMENTS,
                               help="Transfer-set augmentation of the distillation phase: mixup "
                                    "gives teacher and student the same mixed inputs.")
     kd_mixup_alpha: float = setting(1.0, help="mixup's lambda ~ Beta(a, a), folded to >= 1/2.")
+    eval_every: int = setting(1, help="Evaluate on the test split every N epochs (the last "
+                                      "epoch always).")
     checkpoint_every: int = setting(0, help="Also checkpoint every N steps (0: at each epoch's "
                                             "end only).")
     quiet: bool = setting(False, help="No per-epoch lines or progress bars.")
@@ -182,6 +187,7 @@ class DistillConfig:
             raise ConfigError(str(exc)) from None
         for key, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                          ("warmup_steps", 0), ("num_workers", 0), ("checkpoint_every", 0),
+                         ("eval_every", 1),
                          ("teacher_epochs", 0), ("threads", 1)):
             value = getattr(self, key)
             if value is not None and value < low:

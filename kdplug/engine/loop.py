@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .._op_support import backward_with_unit_gradient
 from ..cache.targets import cached_teacher_output
 from ..errors import KdplugError
 from ..kd_augment import augment_batch
@@ -29,9 +30,13 @@ from .checkpoint import (FORMAT, atomic_save, optional_state, rng_state, seed_ev
 from .config import DistillConfig
 from .distributed import DistEnv
 from .evaluate import evaluate
+from .meters import EPOCH_PARTS, EpochClock, RunningLoss
 
 __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
            "autocast_factory", "announce_epoch"]
+
+#: how often (seconds) the progress bar shows the running loss: each time is a read of it
+PROGRESS_SECONDS = 0.5
 
 
 class NonFiniteLossError(KdplugError):
@@ -162,14 +167,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.autocast = autocast_factory(cfg.amp, env.device)
         self._loss_total = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
+        #: one process on the CPU: reading a tensor's value waits for nothing
+        self.reads_are_free = env.device.type == "cpu" and not env.distributed
 
     def _reduce_device(self) -> torch.device:
         return self.env.device if self.env.device.type == "cuda" else torch.device("cpu")
 
-    def train_step(self, batch: Dict[str, Any], where: str = "", step_seed: int = 0) -> float:
-        """One optimizer step on ``batch`` (already on the device); returns the loss, averaged
-        over processes. A non-finite loss raises before anything is applied. ``step_seed`` draws
-        the step's transfer-set augmentation (the same inputs reach teacher and student)."""
+    def train_step(self, batch: Dict[str, Any], where: str = "",
+                   step_seed: int = 0) -> torch.Tensor:
+        """One optimizer step on ``batch`` (already on the device); returns the loss as a
+        detached scalar tensor where it was computed: nothing waits for its value. ``step_seed``
+        draws the step's transfer-set augmentation (the same inputs reach teacher and student).
+
+        Where reading the value costs nothing (one process on the CPU), a non-finite loss raises
+        before the step is applied; otherwise :class:`PhaseRun` checks the summed loss whenever
+        it reads it, before any checkpoint."""
         batch = augment_batch(batch, self.kd_augment, seed=step_seed,
                               mixup_alpha=self.cfg.kd_mixup_alpha)
         teacher_out = None
@@ -187,12 +199,13 @@ class Trainer:
             raise KdplugError(f"the loss {type(self.loss).__name__} returned "
                               f"{type(loss).__name__}{list(getattr(loss, 'shape', []))}; "
                               "expected a scalar tensor")
-        value = self._global_value(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) in phase {self.phase!r} {where}: the run stopped "
-                "before applying this step; the last good checkpoint is kept. Try a lower lr, "
-                "grad_clip, or amp none.", self.phase, -1, -1)
+        if self.reads_are_free:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({value}) in phase {self.phase!r} {where}: the run stopped "
+                    "before applying this step; the last good checkpoint is kept. Try a lower "
+                    "lr, grad_clip, or amp none.", self.phase, -1, -1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -202,18 +215,20 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
+            backward_with_unit_gradient(loss)
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.optimizer.step()
         self.scheduler.step()
-        return value
+        return loss.detach()
 
-    def _global_value(self, loss: torch.Tensor) -> float:
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """A step's loss as a number, averaged over processes (a read, and under torchrun a
+        collective: every process calls it)."""
         if not self.env.distributed:
-            return float(loss.detach())
+            return float(loss)
         total = self._loss_total
-        total.copy_(loss.detach().reshape(1))
+        total.copy_(loss.reshape(1))
         self.env.all_reduce_sum(total)
         return float(total) / self.env.world_size
 
@@ -265,8 +280,10 @@ def unfreeze_teacher(teacher: nn.Module) -> None:
 
 @dataclass
 class PhaseRun:
-    """The epochs of one phase ("teacher", "student" or "scratch"): train, evaluate after each
-    epoch, checkpoint (rank 0, atomically), log, call callbacks; resumable from a checkpoint."""
+    """The epochs of one phase ("teacher", "student" or "scratch"): train, evaluate (every
+    ``eval_every`` epochs and after the last), checkpoint (rank 0, atomically), log, call
+    callbacks; resumable from a checkpoint. Each epoch's record says where its time went
+    (:class:`~kdplug.engine.meters.EpochClock`)."""
 
     phase: str
     trainer: Trainer
@@ -285,6 +302,7 @@ class PhaseRun:
     show_progress: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
     _epoch_loader_state: Optional[torch.Tensor] = None
+    _shown: float = float("-inf")  # when the progress bar last showed the loss
 
     @property
     def env(self) -> DistEnv:
@@ -293,12 +311,13 @@ class PhaseRun:
     def run(self, resume: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
         trainer, sampler = self.trainer, self.sampler
         per_epoch = sampler.batches_per_epoch
-        start_epoch, start_step, loss_sum, loss_steps = 0, 0, 0.0, 0
+        running = RunningLoss(trainer._reduce_device())
+        start_epoch, start_step = 0, 0
         if resume is not None:
             trainer.load_state(resume["state"])
             self.history = list(resume["history"])
             start_epoch, start_step = int(resume["epoch"]), int(resume["step"])
-            loss_sum, loss_steps = float(resume["loss_sum"]), int(resume["loss_steps"])
+            running.restart(float(resume["loss_sum"]), int(resume["loss_steps"]))
             rngs = resume["rng"]
             set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
             if self._loader_generator is not None and resume.get("loader_rng") is not None:
@@ -311,11 +330,13 @@ class PhaseRun:
             if self._loader_generator is not None:  # each phase's draws start afresh
                 self._loader_generator.manual_seed(self.seed)
         every = trainer.cfg.checkpoint_every
+        step_hooks = [hook for hook in (getattr(cb, "on_step", None) for cb in self.callbacks)
+                      if hook is not None]
         try:
             for epoch in range(start_epoch, self.epochs):
                 skip = start_step if epoch == start_epoch else 0
                 if skip == 0:
-                    loss_sum, loss_steps = 0.0, 0
+                    running.restart()
                 sampler.set_epoch(epoch, skip)
                 if hasattr(self.train_dataset, "set_epoch"):  # SeededDataset, cache views
                     self.train_dataset.set_epoch(epoch)
@@ -328,42 +349,51 @@ class PhaseRun:
                 # iteration starts; a mid-epoch checkpoint keeps the state from before that draw
                 self._epoch_loader_state = self._loader_state()
                 started, samples = time.perf_counter(), 0
+                clock = EpochClock()
                 step = skip
                 for batch in batches(self.train_loader, self.env.device, f"{self.phase} training"):
+                    clock.tick("data")
                     where = f"epoch {epoch + 1}, step {step + 1}"
                     try:
-                        value = trainer.train_step(batch, where, mix_seed(self.seed, epoch, step,
-                                                                          self.env.rank))
+                        loss = trainer.train_step(batch, where, mix_seed(self.seed, epoch, step,
+                                                                         self.env.rank))
                     except NonFiniteLossError as exc:
                         raise NonFiniteLossError(str(exc), self.phase, epoch + 1,
                                                  step + 1) from None
+                    running.add(loss)
                     step += 1
-                    loss_sum, loss_steps = loss_sum + value, loss_steps + 1
                     samples += int(batch["labels"].shape[0]) * self.env.world_size
                     if bar is not None:
-                        elapsed = max(time.perf_counter() - started, 1e-9)
-                        bar.set_postfix(loss=f"{loss_sum / loss_steps:.4f}",
-                                        samples_s=f"{samples / elapsed:.0f}", refresh=False)
-                        bar.update(1)
+                        self._show_progress(bar, running, samples, started)
+                    clock.tick("step")
                     global_step = epoch * per_epoch + step
                     if every and global_step % every == 0 and step < per_epoch:
-                        self.save(epoch, step, loss_sum, loss_steps)
-                    for cb in self.callbacks:
-                        hook = getattr(cb, "on_step", None)
-                        if hook is not None:
+                        self.save(epoch, step, self._checked_sum(running, epoch), running.steps)
+                        clock.tick("checkpoint")
+                    if step_hooks:  # a callback that wants each step's loss reads it
+                        value = trainer.loss_value(loss)
+                        for hook in step_hooks:
                             hook(phase=self.phase, epoch=epoch + 1, step=step, loss=value)
+                        clock.tick("step")
                 if bar is not None:
                     bar.close()
                 elapsed = time.perf_counter() - started
-                metrics = evaluate(trainer.model, self.test_loader, task=self.task, env=self.env,
-                                   autocast=trainer.autocast, where=f"{self.phase} evaluation")
                 record = {"phase": self.phase, "epoch": epoch + 1,
-                          "train_loss": loss_sum / max(loss_steps, 1), "lr": trainer.lr,
-                          **{f"test_{k}": v for k, v in metrics.items()},
-                          "epoch_time_s": round(elapsed, 4),
-                          "samples_per_s": round(samples / max(elapsed, 1e-9), 1)}
+                          "train_loss": self._checked_sum(running, epoch) / max(running.steps, 1),
+                          "lr": trainer.lr}
+                if (epoch + 1) % trainer.cfg.eval_every == 0 or epoch + 1 == self.epochs:
+                    metrics = evaluate(trainer.model, self.test_loader, task=self.task,
+                                       env=self.env, autocast=trainer.autocast,
+                                       where=f"{self.phase} evaluation")
+                    record.update({f"test_{k}": v for k, v in metrics.items()})
+                clock.tick("eval")
+                record.update({"epoch_time_s": round(elapsed, 4),
+                               "samples_per_s": round(samples / max(elapsed, 1e-9), 1),
+                               **clock.record()})
                 self.history.append(record)
                 self.save(epoch + 1, 0, 0.0, 0)
+                clock.tick("checkpoint")
+                record["checkpoint_time_s"] = clock.record()["checkpoint_time_s"]
                 self.on_record(record)
                 if (epoch + 1) % max(1, self.epochs // 10) == 0 or epoch + 1 == self.epochs:
                     self.log(_epoch_line(record, self.epochs))  # at most ~10 lines a phase
@@ -374,6 +404,28 @@ class PhaseRun:
         finally:
             trainer.release()
         return self.history
+
+    def _checked_sum(self, running: RunningLoss, epoch: int) -> float:
+        """The epoch's summed loss so far (a read; under torchrun a collective); a non-finite
+        sum stops the run here, before anything of those steps is checkpointed."""
+        first, last = running.read_at + 1, running.steps
+        total = running.global_sum(self.env)
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss ({total}) in phase {self.phase!r} epoch {epoch + 1}, within "
+                f"steps {first}-{last}: the run stopped at this check, before checkpointing "
+                "them; the last good checkpoint is kept. Try a lower lr, grad_clip, or amp "
+                "none.", self.phase, epoch + 1, last)
+        return total
+
+    def _show_progress(self, bar: Any, running: RunningLoss, samples: int,
+                       started: float) -> None:
+        now = time.perf_counter()
+        if now - self._shown >= PROGRESS_SECONDS:  # a read of the loss: not every step
+            self._shown = now
+            bar.set_postfix(loss=f"{running.local_mean():.4f}",
+                            samples_s=f"{samples / max(now - started, 1e-9):.0f}", refresh=False)
+        bar.update(1)
 
     def save(self, epoch: int, step: int, loss_sum: float, loss_steps: int) -> None:
         """The full state after ``step`` batches of epoch ``epoch`` (0-based; step 0 = start)."""
@@ -408,8 +460,12 @@ class PhaseRun:
 
 
 def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
-    extra = (f"  ppl {record['test_perplexity']:.3f}" if "test_perplexity" in record else "")
+    tested = ""
+    if "test_accuracy" in record:
+        tested = (f"  test acc {record['test_accuracy']:.2%}  test loss {record['test_loss']:.4f}"
+                  + (f"  ppl {record['test_perplexity']:.3f}" if "test_perplexity" in record
+                     else ""))
+    parts = ", ".join(f"{part} {record.get(f'{part}_time_s', 0.0):.2f}" for part in EPOCH_PARTS)
     return (f"{record['phase']:<8} epoch {record['epoch']:>3}/{epochs}  "
-            f"train loss {record['train_loss']:.4f}  test acc {record['test_accuracy']:.2%}  "
-            f"test loss {record['test_loss']:.4f}{extra}  ({record['epoch_time_s']:.1f} s, "
-            f"{record['samples_per_s']:.0f} samples/s)")
+            f"train loss {record['train_loss']:.4f}{tested}  ({record['epoch_time_s']:.1f} s "
+            f"training, {record['samples_per_s']:.0f} samples/s; seconds of {parts})")

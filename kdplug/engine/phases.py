@@ -75,7 +75,7 @@ class Phases:
         if trainer.loss_note:
             self.log(f"{phase}: {trainer.loss_note}")
         run = PhaseRun(
-            phase=phase, trainer=trainer, train_loader=self.loaders.train,
+            phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,
             test_loader=self.loaders.test, epochs=epochs, task=self.splits.task,
             seed=mix_seed(cfg.seed, seed_key), checkpoint_path=path, identity=cfg.identity(),

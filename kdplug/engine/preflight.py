@@ -9,7 +9,7 @@ with a message that names the part and the data, before the first optimizer step
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, FrozenSet
+from typing import Callable, Dict, FrozenSet, Optional
 
 import torch
 from torch import nn
@@ -37,10 +37,11 @@ def check_data(splits: DataSplits, cfg: DistillConfig, env: DistEnv) -> None:
                           f"processes ({env.world_size}): it is the global batch")
 
 
-def dry_run(teacher: nn.Module, student: nn.Module, loss: Callable, splits: DataSplits,
+def dry_run(teacher: Optional[nn.Module], student: nn.Module, loss: Callable, splits: DataSplits,
             collate: Callable, requires: FrozenSet[str], cfg: DistillConfig,
             env: DistEnv) -> None:
-    """One forward of each model on two training samples, and the loss on them."""
+    """One forward of each model on two training samples, and the loss on them (``teacher``
+    None: a run whose loss uses no teacher; the loss gets None for its output)."""
     where = f"data {cfg.data!r}"
     batch = probe_batch(splits.train, collate, where, env.device)
     inputs, labels = batch["inputs"], batch["labels"]
@@ -57,7 +58,9 @@ def dry_run(teacher: nn.Module, student: nn.Module, loss: Callable, splits: Data
     outs: Dict[str, ModelOutput] = {}
     vocabularies: Dict[str, int] = {}  # lm: each model's logits width, for one clear error
     autocast = autocast_factory(cfg.amp, env.device)
-    for role, model in (("teacher", teacher), ("student", student)):
+    models = (("teacher", teacher), ("student", student)) if teacher is not None else (
+        ("student", student),)
+    for role, model in models:
         name = getattr(cfg, role)
         was_training = model.training
         model.eval()
@@ -87,15 +90,16 @@ def dry_run(teacher: nn.Module, student: nn.Module, loss: Callable, splits: Data
                                   f"{name!r} returned none with output_{need}=True")
         outs[role] = out
     if splits.task == "lm" and any(v != classes for v in vocabularies.values()):
+        predicts = ", ".join(f"the {role} {getattr(cfg, role)!r} "
+                             + (f"predicts {size} tokens" if i == 0 else str(size))
+                             for i, (role, size) in enumerate(vocabularies.items()))
         raise KdplugError(
-            f"vocabulary mismatch: the teacher {cfg.teacher!r} predicts "
-            f"{vocabularies['teacher']} tokens, the student {cfg.student!r} "
-            f"{vocabularies['student']}, and {where} has a vocabulary of {classes}; "
-            "token-level distillation needs one vocabulary for all three. Check the models' "
-            f"vocab_size options or the data's tokenizer. The data: {about}")
+            f"vocabulary mismatch: {predicts}, and {where} has a vocabulary of {classes}; "
+            "token-level distillation needs one vocabulary for the models and the data. Check "
+            f"the models' vocab_size options or the data's tokenizer. The data: {about}")
     try:
         with torch.no_grad(), autocast():
-            value = loss(outs["student"], outs["teacher"], batch)
+            value = loss(outs["student"], outs.get("teacher"), batch)
     except Exception as exc:
         raise KdplugError(f"the loss {cfg.loss!r} failed on the first batch of {where}: "
                           f"{type(exc).__name__}: {exc}") from None

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .._atomic import atomic_write
 from .._version import __version__
+from ..errors import MissingExtraWarning
 from .checkpoint import atomic_write_text
 from .config import DistillConfig, to_toml
 
@@ -19,9 +21,12 @@ PHASE_LABELS = {"teacher": "teacher", "scratch": "student (scratch)",
 PHASE_ORDER = ("teacher", "scratch", "student")
 
 
-def write_metrics(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """metrics.jsonl: one JSON object per epoch and phase (rewritten whole: exact after resume)."""
-    atomic_write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in records), path)
+def write_metrics(path: Path, records: Iterable[Mapping[str, Any]], durable: bool = True) -> None:
+    """metrics.jsonl: one JSON object per epoch and phase (rewritten whole: exact after resume).
+    During a run it need not be durable (no fsync): a resumed run rewrites it from the
+    checkpoints' histories."""
+    text = "".join(json.dumps(_jsonable(r)) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text), mode="w", durable=durable)
 
 
 def write_report(path: Path, report: Mapping[str, Any]) -> None:
@@ -48,20 +53,33 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "") -> None:
-    """curves.png: test accuracy and test loss per epoch, one line per phase.
+_said_no_plots = False
+
+
+def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "") -> bool:
+    """curves.png: test accuracy and test loss per evaluated epoch, one line per phase; returns
+    whether it was drawn. Without matplotlib (the `plots` extra) nothing is, and the first call
+    says so.
 
     Drawn on a Figure of its own with the Agg canvas: pyplot and the global backend are left
     alone (a notebook keeps its backend), and the file is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    global _said_no_plots
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _said_no_plots:
+            _said_no_plots = True
+            warnings.warn(f"matplotlib is not installed, so no {path.name} is written: "
+                          f"pip install 'kdplug[plots]'", MissingExtraWarning, stacklevel=2)
+        return False
 
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     acc_ax, loss_ax = fig.subplots(1, 2)
     for phase in PHASE_ORDER:
-        rows = [r for r in records if r["phase"] == phase]
+        rows = [r for r in records if r["phase"] == phase and "test_accuracy" in r]
         if not rows:
             continue
         epochs = [r["epoch"] for r in rows]
@@ -81,6 +99,7 @@ def plot_curves(path: Path, records: Sequence[Mapping[str, Any]], title: str = "
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.84 if title else 0.9,
                         wspace=0.25)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return True
 
 
 def build_report(cfg: DistillConfig, *, task: str, num_classes: int, input_shape: Sequence[int],
@@ -127,7 +146,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         if not entry:
             continue
         accuracy, loss = entry.get("accuracy"), entry.get("loss")  # None: not available
-        row = [PHASE_LABELS[phase], str(entry["name"]), f"{entry['params']:,}",
+        label = PHASE_LABELS[phase] if report.get("teacher") or phase != "student" else "student"
+        row = [label, str(entry["name"]), f"{entry['params']:,}",
                "n/a" if accuracy is None else f"{100 * accuracy:.2f}%",
                "n/a" if loss is None else f"{loss:.4f}"]
         if task == "lm":

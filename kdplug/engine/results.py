@@ -43,7 +43,7 @@ class PhaseResult:
 class DistillResult:
     """What :func:`kdplug.distill` returns (the same numbers as ``out/report.json``)."""
 
-    teacher: PhaseResult
+    teacher: Optional[PhaseResult]  # None: a student trained alone (a loss that uses no teacher)
     student: PhaseResult
     scratch: Optional[PhaseResult]
     config: DistillConfig

@@ -30,7 +30,7 @@ from ..losses import CrossEntropyLoss
 from . import preflight
 from . import report as reporting
 from .checkpoint import seed_everything
-from .components import Components, Source, build_components, build_data
+from .components import Components, Source, build_components, build_data, check_teacher_given
 from .config import ConfigError, DistillConfig, resolve_config
 from .distributed import DistEnv, setup
 from .evaluate import time_inference
@@ -68,11 +68,11 @@ def distill(teacher: Any = None, student: Any = None, data: Any = None, loss: An
     names = {role: value if isinstance(value, str) else Source.of(role, value).name
              for role, value in given.items() if value is not None}
     cfg = resolve_config(config, **names, **options)
-    missing = [k for k in ("teacher", "student", "data") if getattr(cfg, k) is None
-               and not (k == "teacher" and cfg.teacher_cache)]  # a cache stands for the teacher
+    missing = [k for k in ("student", "data") if getattr(cfg, k) is None]
     if missing:
-        raise ConfigError(f"distill needs a teacher, a student and data; missing: "
-                          f"{', '.join(missing)} (names: `kdplug plugins` lists them)")
+        raise ConfigError(f"distill needs a student and data (and a teacher, unless the loss "
+                          f"uses none); missing: {', '.join(missing)} (names: `kdplug plugins` "
+                          "lists them)")
     if cfg.resume and not cfg.out:
         raise ConfigError("resume needs out: the folder of the run to continue")
     threads = torch.get_num_threads()
@@ -93,6 +93,7 @@ def _run(cfg: DistillConfig, objects: Dict[str, Any], env: DistEnv,
     # names first: an unknown one fails before anything is built or written
     sources = {role: Source.of(role, objects.get(role, getattr(cfg, role)))
                for role in ("teacher", "student", "data", "loss")}
+    check_teacher_given(cfg, sources)
     folder = RunFolder.prepare(cfg, env, log)
     seed_everything(cfg.seed)
     splits = build_data(sources["data"], cfg.data_options, env)
@@ -116,12 +117,17 @@ def _run_parts(cfg: DistillConfig, env: DistEnv, callbacks: List[Any], log: Call
                       parts.loss, parts.splits, parts.collate, parts.requires, cfg, env)
     folder.open(cfg)  # every check has passed: the first write to out
     loaders = build_loaders(parts.splits, parts.collate, cfg, env, cache)
+    if cfg.num_workers is None and loaders.train_workers:
+        log(f"data: {loaders.train_workers} worker process(es) load the training items "
+            "(--num-workers to choose)")
     phases = Phases(cfg=cfg, env=env, splits=parts.splits, loaders=loaders, folder=folder,
                     callbacks=callbacks, log=log, cache=cache,
                     show_progress=not quiet and sys.stderr.isatty())
 
     if cache is not None:
         teacher_result = phases.cached_teacher()
+    elif teacher is None:  # the loss uses no teacher and none was given: the student alone
+        teacher_result = None
     elif cfg.teacher_checkpoint:
         log(f"teacher: loaded from {cfg.teacher_checkpoint}")
         teacher_result = phases.untrained("teacher", teacher,
@@ -152,7 +158,7 @@ def _open_cache(cfg: DistillConfig, env: DistEnv, parts: Components) -> TeacherC
 
 
 def _finish(cfg: DistillConfig, env: DistEnv, parts: Components, folder: RunFolder,
-            cache: Optional[TeacherCache], teacher: PhaseResult, student: PhaseResult,
+            cache: Optional[TeacherCache], teacher: Optional[PhaseResult], student: PhaseResult,
             scratch: Optional[PhaseResult]) -> DistillResult:
     """Inference timings, report.json, metrics.jsonl, curves.png; the result."""
     results = [r for r in (teacher, student, scratch) if r is not None]
@@ -166,8 +172,10 @@ def _finish(cfg: DistillConfig, env: DistEnv, parts: Components, folder: RunFold
         cache_summary=cache.summary() if cache is not None else None, config=config,
         out=folder.path)
     if env.is_main:
-        reporting.write_outputs(folder.path, report, folder.records,
-                                title=f"{teacher.name} → {cfg.student} on {cfg.data}")
+        title = f"{cfg.student} on {cfg.data}"
+        if teacher is not None:
+            title = f"{teacher.name} → {title}"
+        reporting.write_outputs(folder.path, report, folder.records, title=title)
     env.barrier()
     return DistillResult(teacher=teacher, student=student, scratch=scratch, config=cfg,
                          out=folder.path, report=report)

@@ -92,7 +92,7 @@ class RunFolder:
         """Epoch records (a resumed phase's earlier ones too); metrics.jsonl is rewritten whole."""
         self.records.extend(records)
         if self.env.is_main:
-            reporting.write_metrics(self.path / "metrics.jsonl", self.records)
+            reporting.write_metrics(self.path / "metrics.jsonl", self.records, durable=False)
 
     def add_record(self, record: Dict[str, Any]) -> None:
         self.add_records([record])

@@ -247,7 +247,10 @@ def _digits_arrays() -> tuple:
     """The 1,797 digits as (pixels float32 [N, 64] in 0..16, labels int64 [N]): the CSV file
     scikit-learn ships, read without importing scikit-learn (seconds of start-up for one file)."""
     spec = importlib.util.find_spec("sklearn")
-    folders = list(spec.submodule_search_locations or []) if spec else []
+    if spec is None:
+        raise kdplug.KdplugError("the digits data set comes with scikit-learn, which is not "
+                                 "installed: pip install 'kdplug[data]'")
+    folders = list(spec.submodule_search_locations or [])
     found = [Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders]
     found = [f for f in found if f.is_file()]
     if found:

