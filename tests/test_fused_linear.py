@@ -264,3 +264,21 @@ def test_torch_compile_traces_it_whole_and_gives_the_same_values():
     torch.testing.assert_close(got, want[0].float())
     for p, g in zip(params, want[1]):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_the_engines_unit_gradient_mark_reaches_it(monkeypatch):
+    from kdplug import _op_support as support
+
+    seen = []
+    original = support.scaled_grad
+
+    def spy(saved, grad, per_row):
+        seen.append(getattr(grad, support.UNIT_GRADIENT, False))
+        return original(saved, grad, per_row)
+
+    monkeypatch.setattr(support, "scaled_grad", spy)
+    x = inputs(rows=6, vocab=40, bias=False)
+    hidden = x["hidden"].requires_grad_()
+    support.backward_with_unit_gradient(
+        fused_linear_kd(hidden, x["weight"], x["teacher_hidden"], x["teacher_weight"]))
+    assert seen == [True]  # known to be 1 without reading it (no device sync on a GPU)
