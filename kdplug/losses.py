@@ -110,13 +110,15 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, *, backend: str = "auto",
                  rest: str = "renormalize", divergence: str = "kl", beta: float = 0.5,
-                 fused_linear: str = "auto", **options: Any) -> None:
+                 fused_linear: Any = "auto", **options: Any) -> None:
         super().__init__()
         _no_options("kd", options)
         self.temperature = check_temperature(temperature)
         self.backend = backend
         self.rest = _check_rest(rest)
         self.divergence, self.beta = _check_divergence(divergence, beta)
+        if isinstance(fused_linear, bool):  # fused_linear=true in a TOML config
+            fused_linear = "on" if fused_linear else "off"
         if fused_linear not in FUSED_LINEAR:
             raise KdplugError(f"fused_linear must be one of {', '.join(FUSED_LINEAR)}, got "
                               f"{fused_linear!r}")

@@ -44,5 +44,6 @@ def test_the_loss_chooses_the_fused_head_only_when_both_models_have_one():
     with pytest.raises(kdplug.KdplugError, match="fused_linear=on, but TransformerClassifier"):
         KDLoss(fused_linear="on").configure_models(lm, cls)
     assert KDLoss(fused_linear="off").configure_models(lm, lm) is None
+    assert KDLoss(fused_linear=False).fused_linear == "off"  # a TOML boolean
     with pytest.raises(kdplug.KdplugError, match="fused_linear must be one of auto, on, off"):
         KDLoss(fused_linear="yes")
