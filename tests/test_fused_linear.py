@@ -269,14 +269,9 @@ def test_torch_compile_traces_it_whole_and_gives_the_same_values():
 def test_the_engines_unit_gradient_mark_reaches_it(monkeypatch):
     from kdplug import _op_support as support
 
-    seen = []
-    original = support.scaled_grad
-
-    def spy(saved, grad, per_row):
-        seen.append(getattr(grad, support.UNIT_GRADIENT, False))
-        return original(saved, grad, per_row)
-
-    monkeypatch.setattr(support, "scaled_grad", spy)
+    seen, original = [], support.scaled_grad
+    monkeypatch.setattr(support, "scaled_grad", lambda saved, grad, per_row: seen.append(
+        getattr(grad, support.UNIT_GRADIENT, False)) or original(saved, grad, per_row))
     x = inputs(rows=6, vocab=40, bias=False)
     hidden = x["hidden"].requires_grad_()
     support.backward_with_unit_gradient(
