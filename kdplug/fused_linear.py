@@ -238,6 +238,7 @@ class _FusedLinearKD(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         chunk_loss = _chunk_native if native else _chunk_torch
         buffer = hidden.new_empty((min(chunk_size, rows), weight.shape[0]), dtype=compute_dtype)
+        head_buffer = None
         for start in range(0, rows, chunk_size):
             part = slice(start, min(start + chunk_size, rows))
             h = hidden[part].to(compute_dtype)
@@ -252,8 +253,10 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_weight is not None:
                 if grad_weight.dtype == compute_dtype:
                     grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight.add_(grad.t() @ h)
+                else:  # bf16/fp16 product into one reused buffer, summed in float32
+                    if head_buffer is None:
+                        head_buffer = torch.empty_like(w)
+                    grad_weight.add_(torch.mm(grad.t(), h, out=head_buffer))
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(0))
             del grad  # lets the op reuse its gradient buffer for the next chunk
