@@ -15,6 +15,11 @@ optimizer; only the soft-target term differs:
   eager    F.kl_div(F.log_softmax(s/T), F.softmax(t/T), reduction="none").sum(-1) over counted
            tokens, × T²: what users write
   fallback kdplug.ops.kd_kl_div(..., backend="torch")  (only with --with-fallback)
+  fused-linear  kdplug.ops.fused_linear_kd on both models' final hidden states and heads, the CE
+           fused in (labels=, alpha=): no [tokens, V] logits held, chunk by chunk (issue #11)
+
+Peak memory: the process's resident-set growth over one step of each variant (its high-water mark
+reset before the step; CPU only), printed next to the throughput.
 
 Variants alternate within every repeat (order flipped each repeat) and each figure is the median
 of the repeats, so a noisy shared machine slows them alike. The first steps (warm-up) are not timed.
@@ -30,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import kdplug
-from kdplug.ops import backend_status, kd_kl_div
+from bench_kd_loss import _rss_bytes  # this folder is on sys.path when run as a script
+from kdplug.ops import backend_status, fused_linear_kd, kd_kl_div
 
 IGNORE = -100
 
@@ -59,6 +65,19 @@ def make_batch(batch, seq_len, vocab, seed, device):
     labels = tokens[:, 1:].masked_fill(~mask, IGNORE)
     return {k: v.to(device) for k, v in
             {"inputs": inputs, "labels": labels, "attention_mask": mask}.items()}
+
+
+def peak_growth(run):
+    """Resident-set growth while run() runs (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = _rss_bytes("VmRSS")
+        run()
+        return _rss_bytes("VmHWM") - base
+    except OSError:
+        run()
+        return None
 
 
 def sync(device):
@@ -92,7 +111,7 @@ def main(argv=None):
     opts = dict(vocab_size=args.vocab, max_len=args.seq_len)
     teacher = kdplug.create_teacher("transformer-lm-teacher", **opts).to(device).eval()
     teacher.requires_grad_(False)
-    variants = ["fused", "eager"] + (["fallback"] if args.with_fallback else [])
+    variants = ["fused", "eager", "fused-linear"] + (["fallback"] if args.with_fallback else [])
     # one student (and optimizer) per variant, from the same initial weights
     init = kdplug.create_student("transformer-lm-student", **opts)
     students = {}
@@ -107,8 +126,25 @@ def main(argv=None):
         else (lambda: torch.autocast(device.type, enabled=False))
     T, alpha = args.temperature, args.alpha
 
+    def fused_linear_step(student, batch):
+        inputs, attention = batch["inputs"], batch["attention_mask"]
+        with torch.no_grad(), amp():
+            t_hidden = teacher.final_hidden_states(inputs, attention_mask=attention)
+        with amp():
+            s_hidden = student.final_hidden_states(inputs, attention_mask=attention)
+            mask = batch["labels"] != IGNORE
+            return fused_linear_kd(s_hidden, student.head.weight, t_hidden, teacher.head.weight,
+                                   labels=batch["labels"], alpha=alpha, temperature=T,
+                                   mask=mask)
+
     def step(variant, batch):
         student, opt = students[variant]
+        if variant == "fused-linear":
+            loss = fused_linear_step(student, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
         soft = make_soft(variant)
         with torch.no_grad(), amp():
             t_logits = teacher(batch["inputs"], attention_mask=batch["attention_mask"]).logits
@@ -124,6 +160,7 @@ def main(argv=None):
         return float(loss.detach())
 
     first = {v: step(v, batches[0]) for v in variants}  # same weights: the losses must agree
+    peaks = {v: peak_growth(lambda: step(v, batches[1])) for v in variants}
     for v in variants:
         for i in range(args.warmup - 1):
             step(v, batches[(i + 1) % len(batches)])
@@ -148,7 +185,7 @@ def main(argv=None):
         "counted_tokens_per_step": tokens_per_step, "steps": args.steps,
         "repeats": args.repeats, "fused_backend": "native" if status["native_available"]
         and not status["env_overrides"].get("KDPLUG_FORCE_TORCH") else "torch",
-        "first_step_loss": first,
+        "first_step_loss": first, "peak_rss_growth_bytes": peaks,
         "tokens_per_s_median": {v: statistics.median(t) for v, t in times.items()},
         "tokens_per_s_all": times,
     }
@@ -161,7 +198,9 @@ def main(argv=None):
     print("first-step loss (same weights): " + ", ".join(f"{v} {x:.5f}" for v, x in first.items()))
     for v in variants:
         spread = f"[{min(times[v]):.0f}–{max(times[v]):.0f}]"
-        print(f"  {v:<9} {med[v]:>10.0f} tokens/s  {spread}  ×{med[v] / med['eager']:.2f} vs eager")
+        peak = "" if peaks[v] is None else f"  peak +{peaks[v] / 2**20:.0f} MiB"
+        print(f"  {v:<12} {med[v]:>10.0f} tokens/s  {spread}  ×{med[v] / med['eager']:.2f} vs "
+              f"eager{peak}")
     if args.json:
         print(json.dumps(result, indent=2))
     return result

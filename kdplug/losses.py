@@ -21,7 +21,11 @@ skews' mixing weight), e.g. ``--loss-option divergence=jsd --loss-option beta=0.
 computes both terms in one fused pass (:func:`kdplug.ops.kd_loss` with labels). Both also take a
 top-k teacher (from a top-k teacher cache: ``teacher_out.extras["topk"] = (indices, logprobs)``)
 through :func:`kdplug.ops.kd_loss_topk`; their option ``rest`` ("renormalize" or "bucket") says
-how the teacher's mass outside its top k is treated there.
+how the teacher's mass outside its top k is treated there. Their option ``fused_linear``
+("auto", the default, "on" or "off") computes them on the models' final hidden states and output
+heads, chunk by chunk of tokens (:func:`kdplug.ops.fused_linear_kd`), so a language model's
+[tokens, vocabulary] logits are never held; "auto" does so when both models can
+(:mod:`kdplug.output_head`) and says once in the log when a language model cannot.
 """
 from __future__ import annotations
 
@@ -36,9 +40,12 @@ from .cache.targets import teacher_topk
 from .errors import KdplugError
 from .hookspecs import hookimpl
 from .hyperparameters import check_alpha, check_temperature
+from .output_head import REQUIREMENT as OUTPUT_HEAD
+from .output_head import head_of, missing_output_head
 from .outputs import as_model_output
 
 IGNORE_INDEX = -100
+FUSED_LINEAR = ("auto", "on", "off")
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "KDCrossEntropyLoss", "check_temperature", "check_alpha",
            "cross_entropy", "token_mask", "register_losses"]
@@ -103,13 +110,43 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, *, backend: str = "auto",
                  rest: str = "renormalize", divergence: str = "kl", beta: float = 0.5,
-                 **options: Any) -> None:
+                 fused_linear: Any = "auto", **options: Any) -> None:
         super().__init__()
         _no_options("kd", options)
         self.temperature = check_temperature(temperature)
         self.backend = backend
         self.rest = _check_rest(rest)
         self.divergence, self.beta = _check_divergence(divergence, beta)
+        if isinstance(fused_linear, bool):  # fused_linear=true in a TOML config
+            fused_linear = "on" if fused_linear else "off"
+        if fused_linear not in FUSED_LINEAR:
+            raise KdplugError(f"fused_linear must be one of {', '.join(FUSED_LINEAR)}, got "
+                              f"{fused_linear!r}")
+        self.fused_linear = fused_linear
+
+    def configure_models(self, student: nn.Module, teacher: Optional[nn.Module] = None,
+                         cached_teacher: bool = False, sharded: bool = False) -> Optional[str]:
+        """The engine's hook, once the models are known: with fused_linear on (or auto and both
+        models able) the loss requires the models' output heads instead of their logits.
+        ``sharded``: the models' parameters are sharded across processes (``--strategy fsdp``).
+        Returns what was chosen when it is worth a log line."""
+        self.requires = frozenset()
+        if self.fused_linear == "off" or getattr(self, "alpha", 1.0) == 0.0:
+            return None
+        # FSDP2 gathers a unit's parameters in that unit's forward hooks: reading the final
+        # hidden states and the head's weight outside the model's forward would see shards.
+        why = "the models are sharded (--strategy fsdp)" if sharded else None
+        why = why or missing_output_head(student)
+        if why is None and not cached_teacher:  # a cached teacher comes as logits or top-k
+            why = missing_output_head(teacher)
+        if why is None:
+            self.requires = frozenset({OUTPUT_HEAD})
+            return "fused linear head: logits computed chunk by chunk of tokens"
+        if self.fused_linear == "on":
+            raise KdplugError(f"fused_linear=on, but {why}; use fused_linear=auto or off")
+        if callable(getattr(student, "get_output_embeddings", None)):  # a language model
+            return f"fused linear head off: {why}; the loss takes full logits"
+        return None
 
     def soft_target(self, student_logits: torch.Tensor, teacher_out: Any, batch: Dict[str, Any],
                     alpha: float = 1.0) -> torch.Tensor:
@@ -133,7 +170,31 @@ class KDLoss(nn.Module):
         return kd_loss_topk(student_logits, indices, logprobs.detach(), self.temperature,
                             rest=self.rest, **options)
 
+    def fused_target(self, student_head, teacher_out: Any, batch: Dict[str, Any],
+                     alpha: float = 1.0) -> torch.Tensor:
+        """soft_target computed from the student's final hidden states and head, chunk by chunk
+        (the teacher as hidden states and head too, or as a cache's logits or top-k)."""
+        from .ops import fused_linear_kd
+
+        hidden = student_head.hidden
+        labels = None if alpha == 1.0 else _labels_for(hidden, batch)
+        teacher_head, topk = head_of(teacher_out), teacher_topk(teacher_out)
+        if teacher_head is not None:
+            teacher = dict(teacher_hidden=teacher_head.hidden, teacher_weight=teacher_head.weight,
+                           teacher_bias=teacher_head.bias)
+        elif topk is not None:
+            teacher = dict(teacher_topk=topk, rest=self.rest)
+        else:
+            teacher = dict(teacher_logits=_logits(teacher_out))
+        return fused_linear_kd(hidden, student_head.weight, student_bias=student_head.bias,
+                               labels=labels, temperature=self.temperature, alpha=alpha,
+                               divergence=self.divergence, beta=self.beta,
+                               mask=token_mask(hidden, batch), backend=self.backend, **teacher)
+
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
+        student_head = head_of(student_out)
+        if student_head is not None:
+            return self.fused_target(student_head, teacher_out, batch)
         return self.soft_target(_logits(student_out), teacher_out, batch)
 
     def extra_repr(self) -> str:
@@ -147,13 +208,16 @@ class KDCrossEntropyLoss(KDLoss):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, *, backend: str = "auto",
                  rest: str = "renormalize", divergence: str = "kl", beta: float = 0.5,
-                 **options: Any) -> None:
+                 fused_linear: str = "auto", **options: Any) -> None:
         _no_options("kd+ce", options)
         super().__init__(temperature, backend=backend, rest=rest, divergence=divergence,
-                         beta=beta)
+                         beta=beta, fused_linear=fused_linear)
         self.alpha = check_alpha(alpha)
 
     def forward(self, student_out: Any, teacher_out: Any, batch: Dict[str, Any]) -> torch.Tensor:
+        student_head = head_of(student_out)
+        if student_head is not None:
+            return self.fused_target(student_head, teacher_out, batch, alpha=self.alpha)
         student_logits = _logits(student_out)
         if self.alpha == 0.0:  # hard labels only: the teacher's output is not read
             return cross_entropy(student_logits, batch["labels"])
@@ -202,7 +266,8 @@ def _no_options(name: str, options: Dict[str, Any]) -> None:
     if options:
         raise KdplugError(
             f"loss {name!r} takes no option(s) {', '.join(map(repr, sorted(options)))}; "
-            f"its options are temperature, alpha, backend, rest, divergence and beta")
+            f"its options are temperature, alpha, backend, rest, divergence, beta and "
+            f"fused_linear")
 
 
 def _check_rest(rest: Any) -> str:

@@ -5,7 +5,8 @@ T²·D(p, q) with p = softmax(teacher/T), q = softmax(student/T) and D one of kl
 tvd, skew_kl, skew_reverse_kl, optionally fused with the hard-label cross-entropy
 (α·T²·D + (1 − α)·CE), reduced by `reduction`; `kd_kl_div` is its kl case. `kd_loss_topk` and
 `kd_kl_div_topk` take a teacher known on its top-k classes (as a teacher cache stores large
-vocabularies). The native kernels (csrc/) write the gradient while they compute the loss, so
+vocabularies). `fused_linear_kd` is kd_loss on `hidden @ headᵀ`, chunk by chunk of tokens, never
+holding the [tokens, vocabulary] logits (kdplug/fused_linear.py). The native kernels (csrc/) write the gradient while they compute the loss, so
 forward and backward together read each input once and write the gradient once. The pure-PyTorch
 paths have the same signatures and numerics, run wherever the compiled op is missing, and are the
 test oracles.
@@ -22,11 +23,12 @@ from ._dense_op import kd_kl_div, kd_kl_div_reference, kd_loss, kd_loss_referenc
 from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS
 from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_loss_topk,
                        kd_loss_topk_reference)
+from .fused_linear import fused_linear_kd, fused_linear_kd_reference
 
 __all__ = ["kd_loss", "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference",
            "kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
-           "DIVERGENCES", "REDUCTIONS", "BACKENDS", "REST_MODES", "backend_status",
-           "release_buffers"]
+           "fused_linear_kd", "fused_linear_kd_reference", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
+           "REST_MODES", "backend_status", "release_buffers"]
 
 
 def release_buffers() -> int:

@@ -236,3 +236,26 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path
     assert (saved["epoch"], saved["step"], len(saved["history"]), len(saved["rng"])) == \
         (1, 0, 1, 2)
     assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_torchrun_lm_with_the_fused_linear_head_matches_the_logits_path(tmp_path, site):
+    words = "the cat sat on a mat and the dog ran to the park while birds sang".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(20))
+                                  for i in range(24)), encoding="utf-8")
+    tiny = ["num_layers=1", "d_model=16", "num_heads=2"]
+    command = ["distill", "--teacher", "transformer-lm-teacher", "--student",
+               "transformer-lm-student", "--data", f"text:{corpus}", "--data-option",
+               "seq_len=24", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "8",
+               "--lr", "0.003", "--device", "cpu", "--quiet"]
+    for option in tiny:
+        command += ["--teacher-option", option, "--student-option", option]
+    reports = {}
+    for mode in ("on", "off"):
+        run([*TORCHRUN, *command, "--loss-option", f"fused_linear={mode}",
+             "--out", str(tmp_path / mode)], site)
+        reports[mode] = json.loads((tmp_path / mode / "report.json").read_text())
+    assert reports["on"]["world_size"] == 2
+    assert reports["on"]["student"]["loss"] == pytest.approx(reports["off"]["student"]["loss"],
+                                                             rel=1e-4)

@@ -126,6 +126,30 @@ def test_hf_lm_vocabulary_mismatch_names_both_sizes(hf_folders):
     assert out.logits.shape == (2, 7, vocab) and len(out.attentions) == 2
 
 
+
+def test_hf_lm_gives_the_fused_linear_loss_its_hidden_states_and_head(hf_folders):
+    from kdplug.engine.batching import call_model
+    from kdplug.ops import fused_linear_kd, kd_loss
+    from kdplug.output_head import head_of, missing_output_head
+
+    vocab = hf_folders["vocab"]
+    student, teacher = (kdplug.create_teacher(f"hf:{hf_folders[name]}", task="lm").eval()
+                        for name in ("lm-student", "lm-teacher"))
+    assert missing_output_head(student) is None and missing_output_head(teacher) is None
+    classifier = kdplug.create_teacher(f"hf:{hf_folders['cls-student']}", task="classification")
+    assert missing_output_head(classifier) is not None
+    ids = torch.randint(3, vocab, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    batch = {"inputs": ids, "labels": ids, "attention_mask": mask}
+    heads = [head_of(call_model(m, batch, frozenset({"output_head"})))
+             for m in (student, teacher)]
+    logits = [m(ids, attention_mask=mask).logits for m in (student, teacher)]
+    torch.testing.assert_close(heads[0].hidden @ heads[0].weight.t(), logits[0])
+    fused = fused_linear_kd(heads[0].hidden, heads[0].weight, heads[1].hidden, heads[1].weight,
+                            temperature=2.0, mask=mask, chunk_size=3)
+    torch.testing.assert_close(fused, kd_loss(logits[0], logits[1], 2.0, mask=mask))
+
 def test_hf_teacher_and_student_distil_end_to_end(hf_folders, tmp_path):
     try:
         from kdplug import distill

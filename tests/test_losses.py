@@ -102,7 +102,7 @@ def test_alpha_outside_unit_interval_is_a_clear_error(alpha):
 
 
 def test_unknown_loss_option_is_named():
-    with pytest.raises(kdplug.KdplugError, match="'gamma'.*divergence and beta"):
+    with pytest.raises(kdplug.KdplugError, match="'gamma'.*divergence, beta and fused_linear"):
         kdplug.create_loss("kd", gamma=1)
 
 

@@ -63,6 +63,34 @@ def test_lm_pair_distils_on_a_text_file(corpus, tmp_path):
         assert phase.metrics["perplexity"] > 1.0 and phase.metrics["tokens"] > 0
 
 
+@pytest.mark.parametrize("loss_name, divergence", [("kd+ce", "kl"), ("kd", "jsd")])
+def test_an_lm_run_with_the_fused_head_matches_one_without(corpus, tmp_path, monkeypatch,
+                                                           loss_name, divergence):
+    import kdplug.ops
+
+    calls = []
+    fused = kdplug.ops.fused_linear_kd
+    monkeypatch.setattr(kdplug.ops, "fused_linear_kd", lambda *a, **k: calls.append(1) or
+                        fused(*a, **k))
+    results = {}
+    for mode in ("on", "off"):
+        results[mode] = distill(
+            "transformer-lm-teacher", "transformer-lm-student", f"text:{corpus}", loss_name,
+            epochs=2, teacher_epochs=1, teacher_options=TEACHER, student_options=STUDENT,
+            data_options={"seq_len": 24}, temperature=2.0, alpha=0.5, out=str(tmp_path / mode),
+            loss_options={"fused_linear": mode, "divergence": divergence}, **FAST)
+        if mode == "on":
+            assert calls, "fused_linear=on did not reach fused_linear_kd"
+            calls.clear()
+    assert not calls  # fused_linear=off: the logits path
+    on, off = results["on"].student, results["off"].student
+    assert len(on.history) == 2
+    for a, b in zip(on.history, off.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for key in ("loss", "perplexity", "accuracy"):
+        assert on.metrics[key] == pytest.approx(off.metrics[key], rel=1e-4, abs=1e-6)
+
+
 def test_vocabulary_mismatch_is_caught_before_training(corpus, tmp_path):
     with pytest.raises(kdplug.KdplugError) as info:
         distill("transformer-lm-teacher", "transformer-lm-student", f"text:{corpus}", "kd+ce",

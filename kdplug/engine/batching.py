@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, Subset, TensorDataset, default_collate
 
 from ..errors import KdplugError
+from ..output_head import head_output
 from ..outputs import ModelOutput, as_model_output
 
 __all__ = ["collate", "to_device", "call_model", "requirements", "EpochSampler", "ShardSampler",
@@ -23,7 +24,7 @@ __all__ = ["collate", "to_device", "call_model", "requirements", "EpochSampler",
            "uses_python_random",
            "holds_fixed_tensors", "REQUIREMENTS"]
 
-REQUIREMENTS = ("hidden_states", "attentions")
+REQUIREMENTS = ("hidden_states", "attentions", "output_head")
 
 
 def collate(items: List[Any]) -> Dict[str, Any]:
@@ -63,10 +64,14 @@ def requirements(loss: Any) -> FrozenSet[str]:
 
 def call_model(model: Callable, batch: Dict[str, Any], requires: FrozenSet[str] = frozenset()
                ) -> ModelOutput:
-    """model(batch["inputs"], **kw) as a ModelOutput (see the module docstring for kw)."""
+    """model(batch["inputs"], **kw) as a ModelOutput (see the module docstring for kw); for a
+    loss that requires "output_head", the model's final hidden states and head instead of its
+    logits (kdplug.output_head)."""
     kwargs: Dict[str, Any] = {}
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
+    if "output_head" in requires:
+        return head_output(model, batch["inputs"], kwargs.get("attention_mask"))
     if "hidden_states" in requires:
         kwargs["output_hidden_states"] = True
     if "attentions" in requires:

@@ -155,6 +155,14 @@ class Trainer:
         self.strategy = strategy or make_strategy(cfg.strategy, env, cfg.amp)
         # the transfer-set augmentation belongs to the distillation phase only
         self.kd_augment = cfg.kd_augment if phase == "student" else "none"
+        # A loss may choose how the models are called once it knows them (the fused linear
+        # head needs both models' output heads): it may then change its `requires`, and say so.
+        configure = getattr(loss, "configure_models", None)
+        options = dict(cached_teacher=cached_teacher and teacher is None)
+        if self.strategy.name == "fsdp":  # only then: a plugin's hook need not know the keyword
+            options["sharded"] = True
+        self.loss_note = (configure(student=model, teacher=teacher, **options)
+                          if callable(configure) else None)
         self.requires = requirements(loss)
         self.model = model.to(env.device)
         if isinstance(loss, nn.Module):

@@ -77,6 +77,8 @@ class Phases:
         trainer = Trainer(model, loss, cfg=cfg, env=self.env, lr=lr, total_steps=epochs * steps,
                           teacher=teacher, phase=phase, cached_teacher=cached,
                           steps_per_epoch=steps, strategy=self.strategy)
+        if trainer.loss_note:
+            self.log(f"{phase}: {trainer.loss_note}")
         run = PhaseRun(
             phase=phase, trainer=trainer, train_loader=self.loaders.train_loader(),
             sampler=self.loaders.sampler, train_dataset=self.loaders.train_dataset,

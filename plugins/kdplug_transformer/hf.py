@@ -82,6 +82,26 @@ class HFModel(nn.Module):
             hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
             attentions=tuple(out.attentions) if output_attentions else None, extras=extras)
 
+    # What kdplug's fused linear loss needs (kdplug.output_head), for causal LMs: the base
+    # model's last hidden state (after its final norm) is what lm_head turns into the logits.
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.model.get_output_embeddings() if self.task == "lm" else None
+
+    def final_hidden_states(self, inputs: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = None if attention_mask is None else attention_mask.long()
+        return self.model.base_model(input_ids=inputs, attention_mask=mask).last_hidden_state
+
+    def output_head_unsupported(self) -> Optional[str]:
+        """Why lm_head(last hidden state) would not be this model's logits, or None."""
+        config = self.model.config
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                return f"hf:{self.folder} rescales its logits after the head ({name})"
+        if self.model.base_model is self.model:
+            return f"hf:{self.folder} has no separate base model to give its hidden states"
+        return None
+
     def extra_repr(self) -> str:
         return f"folder={self.folder!r}, task={self.task!r}, retokenize={self.retokenize}"
 

@@ -206,6 +206,14 @@ class TransformerLM(_TransformerBase):
                                              output_attentions)
         return ModelOutput(logits=self.head(x), hidden_states=hidden, attentions=attentions)
 
+    # What kdplug's fused linear loss needs (kdplug.output_head): logits = head(final states).
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def final_hidden_states(self, inputs: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._encode(inputs, attention_mask, False, False)[0]
+
 
 # ----------------------------------------------------------------------------- presets
 
