@@ -14,7 +14,8 @@
 //   IN: float32 s[ROWS*COLS], float32 t[ROWS*COLS], int64 labels[ROWS], uint8 mask[ROWS].
 //   OUT: int64 path, threads, group, splits, chunk; float32 loss[ROWS], grad_s[ROWS*COLS],
 //   grad_t[ROWS*COLS] (NaN where not written).
-// Exit status 0; 2 on bad usage; 3 when a write landed outside the arrays.
+// Exit status 0; 2 on bad usage; 3 when a write landed outside the arrays; 4 when a segment
+// does not cover its range or its 16-byte vectors are misaligned.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,6 +89,23 @@ S warp_merge_partials(const S* partials, int n, M merge) {
   return v[0];
 }
 
+// The host's memcpy loads would not fault where the GPU's 16-byte loads do: check every segment
+// the kernel cuts is whole (head + vectors + tail = the range, head and tail < VEC) and that its
+// vectors start on a 16-byte boundary in all four arrays (exit status 4 otherwise).
+bool g_segments_ok = true;
+
+template <typename T, int VEC>
+void check_segment(const KdSegment& g, int begin, int end, const T* s, const T* t, const T* gs,
+                   const T* gt) {
+  const bool whole = g.head_begin == begin && g.body_begin == begin + g.head &&
+                     g.tail_begin == g.body_begin + g.nvec * VEC && g.tail_begin + g.tail == end &&
+                     g.head >= 0 && g.nvec >= 0 && g.tail >= 0 && (VEC == 1 || (g.head < VEC && g.tail < VEC));
+  auto aligned = [&](const T* p) {
+    return p == nullptr || g.nvec == 0 || (reinterpret_cast<uintptr_t>(p + g.body_begin) & 15u) == 0;
+  };
+  if (!whole || !aligned(s) || !aligned(t) || !aligned(gs) || !aligned(gt)) g_segments_ok = false;
+}
+
 // An array of n elements of T starting `base` elements past a 16-byte boundary, between guard bytes.
 template <typename T>
 struct Guarded {
@@ -145,6 +163,7 @@ void run_row(Arrays<T>& a, int64_t row, int cols, int nthreads, const RowContext
   T* gs = a.gs.data + off;
   T* gt = a.grad_teacher ? a.gt.data + off : nullptr;
   const KdSegment seg = kd_segment<T, VEC>(s, 0, cols);
+  check_segment<T, VEC>(seg, 0, cols, s, t, gs, gt);
   if (a.mask != nullptr && !a.mask[row]) {
     for (int lane = 0; lane < nthreads; ++lane) kd_thread_fill<T, VEC>(gs, gt, seg, lane, nthreads, 0.f);
     a.loss[row] = 0.f;
@@ -183,7 +202,10 @@ void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk, cons
   auto seg_of = [&](const T* row_s, int split) {
     const int begin = split * chunk;
     const int end = begin + chunk < cols ? begin + chunk : cols;
-    return kd_segment<T, VEC>(row_s, begin, end);
+    const KdSegment seg = kd_segment<T, VEC>(row_s, begin, end);
+    const int64_t off = row_s - a.s.data;
+    check_segment<T, VEC>(seg, begin, end, row_s, a.t.data + off, a.gs.data + off, a.gt.data + off);
+    return seg;
   };
   auto counts = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
   for (int64_t row = 0; row < rows; ++row) {  // kd_split_stats_kernel
@@ -305,6 +327,7 @@ int run_kind(const Problem& pr, const KdPlan& plan, FILE* out) {
   if (!a.s.guards_intact() || !a.t.guards_intact() || !a.gs.guards_intact() || !a.gt.guards_intact()) {
     return 3;
   }
+  if (!g_segments_ok) return 4;
   const int64_t header[5] = {static_cast<int64_t>(plan.path), plan.threads, plan.group, plan.splits,
                              plan.chunk};
   fwrite(header, sizeof(header), 1, out);

@@ -92,6 +92,7 @@ def run_lanes(exe, tmp_path, s, t, *, temperature, divergence="kl", beta=0.5, al
             repr(beta), repr(alpha), PATHS[path], splits, SMS, flags, inputs, output]
     done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
     assert done.returncode != 3, "a write landed outside the arrays"
+    assert done.returncode != 4, "a segment misses part of its range or has misaligned vectors"
     assert done.returncode == 0, done.stderr
     raw = output.read_bytes()
     plan = tuple(np.frombuffer(raw[:40], dtype=np.int64).tolist())
