@@ -38,7 +38,9 @@ constexpr unsigned char kGuardByte = 0xA5;
 // kd_loss_kernel.cu's KdMergeStats / KdMergeTerms (device-only there).
 template <int KIND>
 struct MergeStats {
-  KdStats operator()(const KdStats& a, const KdStats& b) const { return kd_stats_merge<KIND>(a, b); }
+  KdStats operator()(const KdStats& a, const KdStats& b) const {
+    return kd_stats_merge<KIND>(a, b);
+  }
   static KdStats empty() { return kd_stats_empty(); }
 };
 
@@ -50,12 +52,15 @@ struct MergeTerms {
 };
 
 // kd_group_reduce<G> over every aligned group of G lanes of v: at each step every lane merges its
-// own value (first argument) with that of lane ^ off (__shfl_xor_sync, read before any lane writes).
+// own value (first argument) with that of lane ^ off (__shfl_xor_sync: read before any lane
+// writes).
 template <typename S, typename M>
 void group_reduce(std::vector<S>& v, int g, M merge) {
   for (int off = g / 2; off > 0; off >>= 1) {
     const std::vector<S> before = v;
-    for (size_t lane = 0; lane < v.size(); ++lane) v[lane] = merge(before[lane], before[lane ^ off]);
+    for (size_t lane = 0; lane < v.size(); ++lane) {
+      v[lane] = merge(before[lane], before[lane ^ off]);
+    }
   }
 }
 
@@ -73,7 +78,9 @@ S block_reduce(std::vector<S> v, M merge) {
   const int warps = static_cast<int>(v.size()) / kWarp;
   group_reduce(v, kWarp, merge);
   std::vector<S> warp0(kWarp);
-  for (int lane = 0; lane < kWarp; ++lane) warp0[lane] = lane < warps ? v[lane * kWarp] : M::empty();
+  for (int lane = 0; lane < kWarp; ++lane) {
+    warp0[lane] = lane < warps ? v[lane * kWarp] : M::empty();
+  }
   group_reduce(warp0, kWarp, merge);
   return warp0[0];
 }
@@ -99,20 +106,24 @@ void check_segment(const KdSegment& g, int begin, int end, const T* s, const T* 
                    const T* gt) {
   const bool whole = g.head_begin == begin && g.body_begin == begin + g.head &&
                      g.tail_begin == g.body_begin + g.nvec * VEC && g.tail_begin + g.tail == end &&
-                     g.head >= 0 && g.nvec >= 0 && g.tail >= 0 && (VEC == 1 || (g.head < VEC && g.tail < VEC));
+                     g.head >= 0 && g.nvec >= 0 && g.tail >= 0 &&
+                     (VEC == 1 || (g.head < VEC && g.tail < VEC));
   auto aligned = [&](const T* p) {
-    return p == nullptr || g.nvec == 0 || (reinterpret_cast<uintptr_t>(p + g.body_begin) & 15u) == 0;
+    return p == nullptr || g.nvec == 0 ||
+           (reinterpret_cast<uintptr_t>(p + g.body_begin) & 15u) == 0;
   };
   if (!whole || !aligned(s) || !aligned(t) || !aligned(gs) || !aligned(gt)) g_segments_ok = false;
 }
 
-// An array of n elements of T starting `base` elements past a 16-byte boundary, between guard bytes.
+// An array of n elements of T starting `base` elements past a 16-byte boundary, between guard
+// bytes.
 template <typename T>
 struct Guarded {
   std::vector<unsigned char> raw;
   T* data;
   size_t n;
-  Guarded(size_t count, int base) : raw(count * sizeof(T) + 2 * kGuardBytes + 32, kGuardByte), n(count) {
+  Guarded(size_t count, int base)
+      : raw(count * sizeof(T) + 2 * kGuardBytes + 32, kGuardByte), n(count) {
     uintptr_t p = reinterpret_cast<uintptr_t>(raw.data()) + kGuardBytes;
     p = (p + 15) & ~uintptr_t(15);
     data = reinterpret_cast<T*>(p) + base;
@@ -120,8 +131,10 @@ struct Guarded {
   bool guards_intact() const {
     const unsigned char* first = reinterpret_cast<const unsigned char*>(data);
     const unsigned char* last = reinterpret_cast<const unsigned char*>(data + n);
-    for (const unsigned char* c = raw.data(); c < first; ++c) if (*c != kGuardByte) return false;
-    for (const unsigned char* c = last; c < raw.data() + raw.size(); ++c) if (*c != kGuardByte) return false;
+    const unsigned char* end = raw.data() + raw.size();
+    for (const unsigned char* c = raw.data(); c < end; ++c) {
+      if ((c < first || c >= last) && *c != kGuardByte) return false;
+    }
     return true;
   }
 };
@@ -146,6 +159,14 @@ struct Arrays {
   bool grad_teacher;
 };
 
+// kd_thread_fill by every thread: a masked (0) or NaN row's gradients over segment g.
+template <typename T, int VEC>
+void fill_lanes(T* gs, T* gt, const KdSegment& g, int nthreads, float value) {
+  for (int lane = 0; lane < nthreads; ++lane) {
+    kd_thread_fill<T, VEC>(gs, gt, g, lane, nthreads, value);
+  }
+}
+
 template <int KIND>
 struct RowContext {
   KdParams p;
@@ -165,7 +186,7 @@ void run_row(Arrays<T>& a, int64_t row, int cols, int nthreads, const RowContext
   const KdSegment seg = kd_segment<T, VEC>(s, 0, cols);
   check_segment<T, VEC>(seg, 0, cols, s, t, gs, gt);
   if (a.mask != nullptr && !a.mask[row]) {
-    for (int lane = 0; lane < nthreads; ++lane) kd_thread_fill<T, VEC>(gs, gt, seg, lane, nthreads, 0.f);
+    fill_lanes<T, VEC>(gs, gt, seg, nthreads, 0.f);
     a.loss[row] = 0.f;
     return;
   }
@@ -177,7 +198,7 @@ void run_row(Arrays<T>& a, int64_t row, int cols, int nthreads, const RowContext
   const int label = kd_label_of(a.labels, row, kIgnoreIndex, cols);
   KdRow r;
   if (!kd_row_begin<KIND>(merged, c.p, c.coefs, label, r)) {
-    for (int lane = 0; lane < nthreads; ++lane) kd_thread_fill<T, VEC>(gs, gt, seg, lane, nthreads, NAN);
+    fill_lanes<T, VEC>(gs, gt, seg, nthreads, NAN);
     a.loss[row] = NAN;
     return;
   }
@@ -196,7 +217,8 @@ void run_row(Arrays<T>& a, int64_t row, int cols, int nthreads, const RowContext
 
 // kd_split_*_kernel: block (row, split) of kSplitThreads over [split*chunk, min(.., cols)).
 template <typename T, int VEC, int KIND>
-void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk, const RowContext<KIND>& c) {
+void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk,
+               const RowContext<KIND>& c) {
   std::vector<KdStats> stats(rows * splits);
   std::vector<RowTermsT<float>> terms(rows * splits);
   auto seg_of = [&](const T* row_s, int split) {
@@ -208,6 +230,9 @@ void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk, cons
     return seg;
   };
   auto counts = [&](int64_t row) { return a.mask == nullptr || a.mask[row]; };
+  auto row_stats_of = [&](int64_t row) {  // kd_warp_merge_partials of the row's chunks
+    return warp_merge_partials(stats.data() + row * splits, splits, MergeStats<KIND>());
+  };
   for (int64_t row = 0; row < rows; ++row) {  // kd_split_stats_kernel
     if (!counts(row)) continue;
     const T* s = a.s.data + row * cols;
@@ -226,7 +251,7 @@ void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk, cons
       if (!counts(row)) continue;
       const T* s = a.s.data + row * cols;
       const T* t = a.t.data + row * cols;
-      const KdStats st = warp_merge_partials(stats.data() + row * splits, splits, MergeStats<KIND>());
+      const KdStats st = row_stats_of(row);
       const RowResult res = row_result(st.st);
       for (int split = 0; split < splits; ++split) {
         const KdSegment seg = seg_of(s, split);
@@ -246,15 +271,15 @@ void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk, cons
     for (int split = splits - 1; split >= 0; --split) {
       const KdSegment seg = seg_of(s, split);
       if (!counts(row)) {
-        for (int tid = 0; tid < kSplitThreads; ++tid) kd_thread_fill<T, VEC>(gs, gt, seg, tid, kSplitThreads, 0.f);
+        fill_lanes<T, VEC>(gs, gt, seg, kSplitThreads, 0.f);
         if (split == 0) a.loss[row] = 0.f;
         continue;
       }
-      const KdStats st = warp_merge_partials(stats.data() + row * splits, splits, MergeStats<KIND>());
+      const KdStats st = row_stats_of(row);
       KdRow r;
       const int label = kd_label_of(a.labels, row, kIgnoreIndex, cols);
       if (!kd_row_begin<KIND>(st, c.p, c.coefs, label, r)) {
-        for (int tid = 0; tid < kSplitThreads; ++tid) kd_thread_fill<T, VEC>(gs, gt, seg, tid, kSplitThreads, NAN);
+        fill_lanes<T, VEC>(gs, gt, seg, kSplitThreads, NAN);
         if (split == 0) a.loss[row] = NAN;
         continue;
       }
@@ -324,7 +349,8 @@ int run_kind(const Problem& pr, const KdPlan& plan, FILE* out) {
     default:
       return 2;
   }
-  if (!a.s.guards_intact() || !a.t.guards_intact() || !a.gs.guards_intact() || !a.gt.guards_intact()) {
+  if (!a.s.guards_intact() || !a.t.guards_intact() || !a.gs.guards_intact() ||
+      !a.gt.guards_intact()) {
     return 3;
   }
   if (!g_segments_ok) return 4;
@@ -355,7 +381,9 @@ bool read_all(FILE* f, void* dst, size_t bytes) { return fread(dst, 1, bytes, f)
 
 int main(int argc, char** argv) {
   if (argc != 15) {
-    fprintf(stderr, "usage: %s DTYPE ROWS COLS BASE DIV T BETA ALPHA PATH SPLITS SMS FLAGS IN OUT\n", argv[0]);
+    fprintf(stderr,
+            "usage: %s DTYPE ROWS COLS BASE DIV T BETA ALPHA PATH SPLITS SMS FLAGS IN OUT\n",
+            argv[0]);
     return 2;
   }
   Problem pr;
@@ -390,7 +418,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   fclose(in);
-  const KdPlan plan = plan_kd_loss_fwd(kd_dtype, pr.rows, pr.cols, pr.sms, divergence_kind(pr.divergence) == kMixture,
+  const bool mixture = divergence_kind(pr.divergence) == kMixture;
+  const KdPlan plan = plan_kd_loss_fwd(kd_dtype, pr.rows, pr.cols, pr.sms, mixture,
                                        static_cast<KdPath>(pr.path), pr.splits);
   FILE* out = fopen(argv[14], "wb");
   if (out == nullptr) return 2;

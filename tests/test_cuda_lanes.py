@@ -98,7 +98,9 @@ def run_lanes(exe, tmp_path, s, t, *, temperature, divergence="kl", beta=0.5, al
     plan = tuple(np.frombuffer(raw[:40], dtype=np.int64).tolist())
     values = torch.from_numpy(np.frombuffer(raw[40:], dtype=np.float32).copy()).double()
     n = rows * cols
-    return plan, values[:rows], values[rows:rows + n].view(rows, cols), values[rows + n:].view(rows, cols)
+    grad_s = values[rows:rows + n].view(rows, cols)
+    grad_t = values[rows + n:].view(rows, cols)
+    return plan, values[:rows], grad_s, grad_t
 
 
 def reference(s, t, temperature, divergence, beta, alpha, labels, mask):
@@ -175,7 +177,8 @@ def check(exe, tmp_path, dtype, cols, path, splits, expected_plan, *, base, dive
 
 
 @pytest.mark.parametrize("dtype,cols,path,splits,expected_plan", LAYOUTS,
-                         ids=[f"{str(d).split('.')[-1]}-{c}-{p}{k or ''}" for d, c, p, k, _ in LAYOUTS])
+                         ids=[f"{str(d).split('.')[-1]}-{c}-{p}{k or ''}"
+                              for d, c, p, k, _ in LAYOUTS])
 def test_layouts_match_float64_reference(lane_sim, tmp_path, dtype, cols, path, splits,
                                          expected_plan):
     # Every start offset within a 16-byte vector: with odd C the rows' offsets differ too.
