@@ -60,8 +60,8 @@ def test_sharded_models_take_full_logits_under_auto_and_refuse_on():
 
 
 def test_the_trainer_tells_the_loss_when_the_strategy_shards(monkeypatch):
-    """Trainer passes sharded=True only under fsdp (a plugin's configure_models need not know
-    the keyword otherwise)."""
+    """Trainer passes sharded=True only where the strategy gathers parameters collectively
+    (fsdp); elsewhere a plugin's configure_models need not know the keyword."""
     from kdplug.engine import loop
     from kdplug.engine.distributed import DistEnv
     from kdplug.engine.config import DistillConfig
@@ -69,8 +69,8 @@ def test_the_trainer_tells_the_loss_when_the_strategy_shards(monkeypatch):
     seen = []
 
     class Recording:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, lockstep):
+            self.lockstep = lockstep
 
         def prepare_teacher(self, teacher):
             pass
@@ -86,7 +86,7 @@ def test_the_trainer_tells_the_loss_when_the_strategy_shards(monkeypatch):
             return student_out.logits.sum()
 
     lm = TransformerLM(vocab_size=50, **STUDENT)
-    for name in ("ddp", "fsdp"):
+    for lockstep in (False, True):  # DDP's parameters are whole, FSDP's gathered collectively
         loop.Trainer(lm, Loss(), cfg=DistillConfig(), env=DistEnv(), lr=0.1, total_steps=1,
-                     teacher=None, strategy=Recording(name))
+                     teacher=None, strategy=Recording(lockstep))
     assert "sharded" not in seen[0] and seen[1]["sharded"] is True

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from .distributed import DistEnv
 from .shard_units import shard_units
 from .sharded_checkpoint import save_sharded
-from .strategy import Strategy, trainer_content
+from .strategy import Strategy, release_gathered, trainer_content
 
 __all__ = ["FSDPStrategy", "mixed_precision"]
 
@@ -104,16 +104,18 @@ class FSDPStrategy(Strategy):
 
     # -- checkpoints: sharded when written; a one-file checkpoint (DDP's) is read and sharded
     def save_checkpoint(self, trainer: Any, status: Dict[str, Any], path: Path) -> None:
-        _reshard(trainer.model, trainer.loss)
+        # state dicts are read and written shard by shard: no parameter may be left gathered
+        # (a root keeps its own gathered after a forward until its backward)
+        release_gathered(trainer.model, trainer.loss)
         save_sharded(trainer_content(trainer), {**status, "state": trainer.schedule_state()},
                      path, self.env)
 
     def load_checkpoint(self, trainer: Any, ckpt: Mapping[str, Any], path: Path) -> None:
-        _reshard(trainer.model, trainer.loss)
+        release_gathered(trainer.model, trainer.loss)
         super().load_checkpoint(trainer, ckpt, path)
 
     def load_weights(self, model: nn.Module, ckpt: Mapping[str, Any], path: Path) -> None:
-        _reshard(model)
+        release_gathered(model)
         super().load_weights(model, ckpt, path)
 
     def load_full_state(self, trainer: Any, state: Mapping[str, Any]) -> None:
@@ -127,14 +129,6 @@ class FSDPStrategy(Strategy):
 
     def load_full_weights(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         set_model_state_dict(model, dict(state), options=_WHOLE)
-
-
-def _reshard(*modules: Any) -> None:
-    """State dicts are read and written shard by shard: no parameter may be left gathered (a
-    root keeps its own gathered after a forward until its backward)."""
-    for module in modules:
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def _optimizer_state_by_name(trainer: Any, state: Mapping[str, Any]) -> Dict[str, Any]:

@@ -159,7 +159,9 @@ class Trainer:
         # head needs both models' output heads): it may then change its `requires`, and say so.
         configure = getattr(loss, "configure_models", None)
         options = dict(cached_teacher=cached_teacher and teacher is None)
-        if self.strategy.name == "fsdp":  # only then: a plugin's hook need not know the keyword
+        # parameters gathered collectively are shards outside a forward; only then is the
+        # keyword passed, so a plugin's hook need not know it
+        if self.strategy.lockstep:
             options["sharded"] = True
         self.loss_note = (configure(student=model, teacher=teacher, **options)
                           if callable(configure) else None)
@@ -242,10 +244,8 @@ class Trainer:
             scaled = loss if weight == 1.0 else loss * weight
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
-            elif weight == 1.0:
-                backward_with_unit_gradient(loss)
-            else:
-                scaled.backward()
+            else:  # with a weight the multiply passes an unmarked gradient on to the loss
+                backward_with_unit_gradient(scaled)
         self._accumulated += 1
         if last:
             self._apply()

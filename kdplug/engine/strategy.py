@@ -123,10 +123,12 @@ def is_sharded_model(model: Any) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def release_gathered(model: Any) -> None:
-    """Frees the whole parameters a sharded model keeps gathered after a forward (its root's)."""
-    if is_sharded_model(model):
-        model.reshard()
+def release_gathered(*models: Any) -> None:
+    """Frees the whole parameters sharded models keep gathered after a forward (their roots');
+    anything else is left alone."""
+    for model in models:
+        if is_sharded_model(model):
+            model.reshard()
 
 
 def trainer_content(trainer: Any) -> Dict[str, Any]:
