@@ -1,9 +1,12 @@
 """What several test modules (and tests/fsdp_worker.py, under torchrun) use to run the engine:
-a callback that stops a run at a given step, and a small generated text corpus."""
+a callback that stops a run at a given step, a small generated text corpus, and epoch records
+without their timings (which differ between any two runs)."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
+from typing import Dict, Iterable, List
 
 
 class Interrupt(Exception):
@@ -31,3 +34,16 @@ def write_corpus(folder: Path) -> Path:
     path = Path(folder) / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def without_timing(records: Iterable[Dict]) -> List[Dict]:
+    """Epoch records (a history, or metrics.jsonl's lines) without the wall-clock fields:
+    ``epoch_time_s``, each part's ``<part>_time_s`` and ``samples_per_s``."""
+    return [{k: v for k, v in r.items() if not k.endswith("_time_s") and k != "samples_per_s"}
+            for r in records]
+
+
+def metrics_records(out) -> List[Dict]:
+    """A run folder's metrics.jsonl, without timings."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return without_timing(json.loads(line) for line in lines)

@@ -21,11 +21,9 @@ from torch import nn
 
 import kdplug
 from kdplug.engine import distill
-from kdplug.engine.meters import EPOCH_PARTS
-from run_helpers import write_corpus
+from run_helpers import metrics_records, write_corpus
 
 HERE = Path(__file__).resolve().parent
-TIMING = ("epoch_time_s", "samples_per_s") + tuple(f"{part}_time_s" for part in EPOCH_PARTS)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 LM = dict(teacher="transformer-lm-teacher", student="transformer-lm-student",
@@ -54,11 +52,6 @@ def torchrun_jobs(jobs, folder: Path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(Path(f"{path}.out").read_text())
-
-
-def records(out) -> list:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
 def assert_close_records(got, want, rel):
@@ -108,7 +101,8 @@ def lm_runs(tmp_path_factory):
 def test_fsdp_lm_pair_on_two_processes_ends_as_one_process(lm_runs):
     tmp, _, seen, reference = lm_runs
     whole = seen[0]
-    assert_close_records(records(tmp / "whole"), records(reference.out), rel=2e-4)
+    assert_close_records(metrics_records(tmp / "whole"), metrics_records(reference.out),
+                         rel=2e-4)
     assert whole["student_loss"] == pytest.approx(reference.student.loss, rel=2e-4)
     # each process held half of each model (the teacher too) and the teacher had no gradients
     for phase in ("teacher", "student"):
@@ -127,7 +121,7 @@ def test_fsdp_lm_pair_on_two_processes_ends_as_one_process(lm_runs):
 def test_fsdp_resumes_exactly_from_its_shards(lm_runs):
     tmp, _, seen, _ = lm_runs
     assert seen[1]["interrupted"]
-    assert records(tmp / "stopped") == records(tmp / "whole")
+    assert metrics_records(tmp / "stopped") == metrics_records(tmp / "whole")
     a, b = exported(tmp / "stopped", tmp), exported(tmp / "whole", tmp)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -139,7 +133,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(lm_runs):
     status = torch.load(copy / "checkpoints" / "student.pt", weights_only=True)
     assert (status["epoch"], status["step"], status["world_size"]) == (1, 3, 2)
     resumed = distill(**LM, data=data, out=str(copy), resume=True, threads=1)
-    assert_close_records(records(copy), records(reference.out), rel=2e-4)
+    assert_close_records(metrics_records(copy), metrics_records(reference.out), rel=2e-4)
     assert resumed.student.loss == pytest.approx(reference.student.loss, rel=2e-4)
     # a one-process run writes one-file checkpoints: the shards it resumed from are gone
     assert "shards" not in torch.load(copy / "checkpoints" / "student.pt", weights_only=True)
@@ -170,7 +164,8 @@ def test_fsdp_cnn_pair_from_a_teacher_cache_ends_as_one_process(tmp_path):
     seen = torchrun_jobs([dict(options=dict(options, strategy="fsdp",
                                             out=str(tmp_path / "two")))], tmp_path)
     reference = distill(**options, out=str(tmp_path / "one"), threads=1)
-    assert_close_records(records(tmp_path / "two"), records(reference.out), rel=1e-5)
+    assert_close_records(metrics_records(tmp_path / "two"), metrics_records(reference.out),
+                         rel=1e-5)
     facts = seen[0]["facts"]
     assert "teacher" not in facts and facts["student"]["all_dtensors"]
     plain = exported(tmp_path / "one", tmp_path, "scratch")
@@ -294,7 +289,7 @@ def test_a_one_file_checkpoint_resumes_sharded(group_of_one, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         distill(**run, out=str(tmp_path / "run"), callbacks=[Stop()])
     resumed = distill(**run, out=str(tmp_path / "run"), resume=True, strategy="fsdp")
-    assert_close_records(records(tmp_path / "run"), records(whole.out), rel=1e-6)
+    assert_close_records(metrics_records(tmp_path / "run"), metrics_records(whole.out), rel=1e-6)
     assert resumed.student.loss == pytest.approx(whole.student.loss, rel=1e-6)
     assert (tmp_path / "run" / "checkpoints" / "student.shards").is_dir()
     distill(**dict(run, epochs=1), out=str(tmp_path / "run"), overwrite=True)

@@ -21,6 +21,7 @@ from kdplug.engine import distill
 from kdplug.engine.checkpoint import load_checkpoint
 from kdplug.engine.config import resolve_config
 from kdplug.engine.interrupt import RunInterrupted
+from run_helpers import without_timing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,12 +50,6 @@ SETUP = textwrap.dedent("""
 """)
 SCOPE: dict = {}
 exec(SETUP, SCOPE)
-TIMING = ("epoch_time_s", "samples_per_s")
-
-
-def strip(history):
-    return [{k: v for k, v in r.items() if k not in TIMING and not k.endswith("_time_s")}
-            for r in history]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +99,7 @@ def test_sigterm_checkpoints_the_step_and_resume_auto_ends_as_if_never_stopped(t
     resumed = distill(**SCOPE["objects"](), **SCOPE["RUN"], out=str(tmp_path), resume="auto")
     for phase in ("teacher", "student"):
         got, want = getattr(resumed, phase), getattr(reference, phase)
-        assert strip(got.history) == strip(want.history), phase
+        assert without_timing(got.history) == without_timing(want.history), phase
         for key, value in want.model.state_dict().items():
             assert torch.equal(got.model.state_dict()[key], value), (phase, key)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "done"

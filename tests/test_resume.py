@@ -15,15 +15,13 @@ import torch
 import kdplug
 from kdplug.engine import distill
 from kdplug.engine.checkpoint import load_checkpoint
-from kdplug.engine.meters import EPOCH_PARTS
-from run_helpers import CrashAt, Interrupt
+from run_helpers import CrashAt, Interrupt, metrics_records, without_timing
 
 # digits with random shifts: data order, augmentation and dropout all draw random numbers
 RUN = dict(teacher="cnn-teacher", student="cnn-student", data="digits",
            data_options={"train_size": 128, "augment": 1}, student_options={"dropout": 0.2},
            epochs=2, teacher_epochs=2, batch_size=32, baseline=True, quiet=True,
            checkpoint_every=3, seed=3)
-TIMING = ("epoch_time_s", "samples_per_s") + tuple(f"{part}_time_s" for part in EPOCH_PARTS)
 
 
 class NoTraining:
@@ -44,20 +42,14 @@ def reference(tmp_path_factory):
     return distill(**RUN, out=str(tmp_path_factory.mktemp("reference")))
 
 
-def metrics_lines(out: Path):
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
-
-
 def assert_same_run(result, reference):
     for phase in ("teacher", "student", "scratch"):
         got, want = getattr(result, phase), getattr(reference, phase)
         assert (got.accuracy, got.loss) == (want.accuracy, want.loss), phase
-        strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING} for r in h]  # noqa: E731
-        assert strip(got.history) == strip(want.history), phase
+        assert without_timing(got.history) == without_timing(want.history), phase
         for key, value in want.model.state_dict().items():
             assert torch.equal(got.model.state_dict()[key], value), (phase, key)
-    assert metrics_lines(result.out) == metrics_lines(reference.out)
+    assert metrics_records(result.out) == metrics_records(reference.out)
 
 
 def test_resume_mid_epoch_after_a_crash(tmp_path, reference):

@@ -19,7 +19,7 @@ from kdplug.engine.config import DistillConfig
 from kdplug.engine.distributed import DistEnv
 from kdplug.engine.loop import Trainer, accumulation_group, optimizer_steps_per_epoch
 from kdplug.losses import CrossEntropyLoss
-from test_resume import CrashAt, Interrupt
+from run_helpers import CrashAt, Interrupt, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,11 +49,6 @@ def assert_same_weights(a: nn.Module, b: nn.Module, exact: bool = True) -> None:
             assert torch.equal(x, y), key
         else:
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=key)
-
-
-def strip(history):
-    return [{k: v for k, v in r.items() if not k.endswith("_time_s") and k != "samples_per_s"}
-            for r in history]
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -89,7 +84,7 @@ def test_accumulation_checkpoints_count_optimizer_steps_and_resume_exactly(tmp_p
     assert (saved["epoch"], saved["step"]) == (1, 12)
     assert saved["state"]["scheduler"]["last_epoch"] == 6 + 4
     resumed = distill(**objects(), **run, out=str(tmp_path / "run"), resume=True)
-    assert strip(resumed.student.history) == strip(reference.student.history)
+    assert without_timing(resumed.student.history) == without_timing(reference.student.history)
     assert_same_weights(resumed.student.model, reference.student.model)
     with pytest.raises(kdplug.KdplugError, match=r"grad_accum_steps: 3 then, 2 now"):
         distill(**objects(), **{**run, "grad_accum_steps": 2}, out=str(tmp_path / "run"),
@@ -115,7 +110,7 @@ def test_each_path_trains_and_resumes_exactly(tmp_path, options):
         distill(**objects(), **run, out=str(tmp_path / "run"),
                 callbacks=[CrashAt("student", 2, 5)])
     resumed = distill(**objects(), **run, out=str(tmp_path / "run"), resume=True)
-    assert strip(resumed.student.history) == strip(reference.student.history)
+    assert without_timing(resumed.student.history) == without_timing(reference.student.history)
     assert_same_weights(resumed.student.model, reference.student.model)
     assert all(math.isfinite(r["train_loss"]) for r in reference.student.history)
     untrained = mlp(8, 2)
