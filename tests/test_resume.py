@@ -1,7 +1,6 @@
 """--resume after an interruption ends with exactly the metrics of an uninterrupted run."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
