@@ -28,14 +28,18 @@ from ._topk_op import _check_values as check_topk_values
 API = "fused_linear_kd"
 REDUCTIONS = ("batchmean", "sum")
 CHUNK_BYTES = 64 * 2**20  # the logits of one chunk, per side
+# Fewer rows make the three per-chunk matmuls too thin: at V = 128256 the CPU's sgemm ran ~10%
+# slower at 128 rows than at 256 (benchmarks/bench_fused_linear.py --chunk-sizes).
+MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(vocab: int, hidden: int, itemsize: int = 4) -> int:
     """Rows per chunk: one side's logits and hidden rows (itemsize bytes per element: 4 for
-    float32, 2 for bf16) within CHUNK_BYTES, a multiple of 8 rows (matmul-friendly) when more
-    than 8 fit."""
-    rows = max(1, CHUNK_BYTES // (itemsize * (vocab + hidden)))
-    return rows if rows < 8 else rows - rows % 8
+    float32, 2 for bf16) within CHUNK_BYTES, but never fewer than MIN_CHUNK_ROWS, a multiple of
+    8 rows (matmul-friendly). A chunk's logits are thus max(64 MiB, 256·V·itemsize) per side
+    (125 MiB at V = 128256 in float32), whatever the number of tokens."""
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (itemsize * (vocab + hidden)))
+    return rows - rows % 8
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -274,6 +278,26 @@ class _FusedLinearKD(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+def _drop_uncounted_rows(hidden, teacher_hidden, teacher_topk, labels, mask):
+    """The rows the mask leaves out (an LM batch's padding, often a quarter of it) add nothing to
+    the loss nor the gradients, so on the CPU they are dropped before any matmul; their hidden
+    states get a zero gradient through index_select. Not on CUDA (finding them would wait for
+    the device), nor while compiling (a data-dependent shape), nor with ready teacher_logits
+    (dropping rows would copy them whole). Returns (hidden, teacher_hidden, teacher_topk,
+    labels, mask), mask None when rows were dropped."""
+    if (mask is None or hidden.device.type != "cpu" or torch.compiler.is_compiling()
+            or not (teacher_hidden is not None or teacher_topk is not None)):
+        return hidden, teacher_hidden, teacher_topk, labels, mask
+    kept = mask.reshape(-1).nonzero().squeeze(1)
+    if not 0 < kept.numel() < mask.numel():
+        return hidden, teacher_hidden, teacher_topk, labels, mask
+    pick = lambda t: None if t is None else _rows(t).index_select(0, kept)  # noqa: E731
+    if teacher_topk is not None:
+        teacher_topk = tuple(pick(t) for t in teacher_topk)
+    labels = None if labels is None else labels.reshape(-1).index_select(0, kept)
+    return pick(hidden), pick(teacher_hidden), teacher_topk, labels, None
+
+
 def _compute_dtype(hidden: torch.Tensor) -> Tuple[torch.dtype, bool]:
     """The dtype the matmuls and the op run in: autocast's where it is on (the loss as eager
     autocast would compute F.linear's logits), else the hidden states'."""
@@ -327,6 +351,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_topk, labels, temperature, alpha, divergence, beta, student_bias, teacher_bias,
         ignore_index, mask, rest, reduction, chunk_size, backend)
     vocab, width = student_weight.shape
+    student_hidden, teacher_hidden, teacher_topk, labels, mask = _drop_uncounted_rows(
+        student_hidden, teacher_hidden, teacher_topk, labels, mask)
     compute_dtype, autocast = _compute_dtype(student_hidden)
     device_type = student_hidden.device.type
     op = DENSE_OP if teacher_topk is None else TOPK_OP

@@ -213,13 +213,51 @@ def test_no_grad_gives_the_same_loss():
     torch.testing.assert_close(a, b.detach())
 
 
-def test_default_chunk_size_bounds_a_chunks_logits_to_64_mib():
+def test_default_chunk_size_bounds_a_chunks_logits_to_64_mib_or_256_rows():
     for vocab, width in [(32000, 256), (128256, 1024), (128256, 4096), (50, 8), (10**9, 8)]:
         rows = default_chunk_size(vocab, width)
-        assert rows >= 1 and (rows == 1 or rows * 4 * (vocab + width) <= 64 * 2**20)
-    assert default_chunk_size(128256, 4096) == 120
+        assert rows >= 256 and rows % 8 == 0
+        assert rows == 256 or rows * 4 * (vocab + width) <= 64 * 2**20
+    assert default_chunk_size(128256, 4096) == 256  # 64 MiB would be 120 rows: too thin
     assert default_chunk_size(32000, 256) == 520
     assert default_chunk_size(32000, 256, itemsize=2) == 1040  # bf16: as many bytes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
+def test_rows_the_mask_drops_are_never_multiplied_on_the_cpu(backend, teacher):
+    # padding rows hold NaN: any matmul over them would spread it into the head's gradient
+    x = inputs(rows=2 * 12, seed=9)
+    mask = (torch.arange(24) % 12 < 9).reshape(2, 12)  # [batch, length], right-padded
+    for key in ("hidden", "teacher_hidden"):
+        x[key] = x[key].reshape(2, 12, -1)
+        x[key][~mask] = float("nan")
+    labels = x["labels"].reshape(2, 12)
+    params = leaves(x, torch.float32)
+    options = dict(labels=labels, alpha=0.5, mask=mask, temperature=2.0, chunk_size=5,
+                   backend=backend, student_bias=params[2])
+    if teacher == "hidden":
+        forms = dict(teacher_hidden=x["teacher_hidden"], teacher_weight=x["teacher_weight"],
+                     teacher_bias=x["teacher_bias"])
+    else:
+        logits = F.linear(x["teacher_hidden"], x["teacher_weight"], x["teacher_bias"])
+        logprobs, indices = logits.log_softmax(-1).topk(7, dim=-1)
+        forms = dict(teacher_topk=(indices, logprobs))
+    loss = fused_linear_kd(params[0], params[1], **forms, **options)
+    (0.5 * loss).backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params)
+    assert (params[0].grad[~mask] == 0).all() and (params[0].grad[mask] != 0).any()
+    # the same as the counted rows alone
+    kept = leaves({**x, "hidden": x["hidden"][mask]}, torch.float32)
+    forms = ({k: (v[mask] if k == "teacher_hidden" else v) for k, v in forms.items()}
+             if teacher == "hidden" else dict(teacher_topk=(indices[mask], logprobs[mask])))
+    want = fused_linear_kd(kept[0], kept[1], **forms, **{**options, "labels": labels[mask],
+                                                         "mask": None, "student_bias": kept[2]})
+    (0.5 * want).backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(params[0].grad[mask], kept[0].grad)
+    for got, ref in zip(params[1:], kept[1:]):
+        torch.testing.assert_close(got.grad, ref.grad)
 
 
 @pytest.mark.parametrize("kwargs, match", [
