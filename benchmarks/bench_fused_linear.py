@@ -4,6 +4,7 @@ two output heads: the logits materialized vs computed chunk by chunk (kdplug.ops
     python benchmarks/bench_fused_linear.py                     # the issue's grid (slow on a CPU)
     python benchmarks/bench_fused_linear.py --tokens 2048 --hidden 256 --vocab 32000 128256
     python benchmarks/bench_fused_linear.py --quick             # a smoke run
+    python benchmarks/bench_fused_linear.py --vocab 128256 --variants unfused native --chunk-sizes 128 512
 
 The loss, every variant: α·T²·KL(teacher ‖ student) per token + (1 − α)·CE(student, labels), with
 student logits = h @ Wsᵀ (h and Ws learn) and teacher logits = ht @ Wtᵀ (frozen), T = 2, α = 0.5.
@@ -65,10 +66,19 @@ def unfused_loss(h, w, ht, wt, labels):
     return kd_loss(h @ w.t(), t, T, labels=labels, alpha=ALPHA)
 
 
-def chunked_loss(backend):
+def chunked_loss(backend, chunk_size=None):
     return lambda h, w, ht, wt, labels: fused_linear_kd(h, w, ht, wt, labels=labels,
                                                          temperature=T, alpha=ALPHA,
-                                                         backend=backend)
+                                                         chunk_size=chunk_size, backend=backend)
+
+
+def add_chunk_variants(sizes):
+    """native/N: the native path with chunk_size=N, to compare with the default chunk."""
+    names = []
+    for n in sizes:
+        names.append(f"native/{n}")
+        LOSSES[names[-1]] = chunked_loss("native", n)
+    return names
 
 
 LOSSES = {"eager": eager_loss, "unfused": unfused_loss, "chunked": chunked_loss("torch"),
@@ -137,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[],
+                    help="also time the native path at these chunk sizes (variants native/N)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
@@ -145,12 +157,17 @@ def main(argv=None):
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_probe:
-        print(measure_memory_here(*json.loads(args.memory_probe)))
+        probe = json.loads(args.memory_probe)
+        if "/" in probe[0]:
+            add_chunk_variants([int(probe[0].split("/")[1])])
+        print(measure_memory_here(*probe))
         return None
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.repeats = [256], [64], [4096], 1
     variants = [v for v in args.variants
                 if v != "native" or backend_status()["native_available"]]
+    if args.chunk_sizes and backend_status()["native_available"]:
+        variants += add_chunk_variants(args.chunk_sizes)
     print(f"fused linear KD loss, forward+backward; {args.device}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}; T = {T}, alpha = {ALPHA}")
     print("   BT      H       V  dtype     | " + " | ".join(f"{v:>17}" for v in variants)

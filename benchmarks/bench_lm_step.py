@@ -7,9 +7,11 @@ the loss through kdplug's fused op against the eager PyTorch loss, in the same r
 
 One step is what the engine does per batch: the teacher (transformer-lm-teacher: 6 layers, d=384)
 in eval mode under no_grad, the student (transformer-lm-student: 2 layers, d=128) forward, the loss
-α·T²·KL(teacher ‖ student) per counted token + (1−α)·next-token CE, backward, AdamW step. Both
+α·T²·KL(teacher ‖ student) per counted token + (1−α)·next-token CE, backward, AdamW step (the
+engine's optimizer: torch's fused AdamW). --teacher-options / --student-options change the models'
+sizes (e.g. num_layers=2,d_model=128,num_heads=4: a teacher whose body costs little beside its head). All
 variants use the same models, batches (right-padded, so the padding mask is exercised) and
-optimizer; only the soft-target term differs:
+optimizer; only the loss differs:
 
   fused    kdplug.ops.kd_kl_div(s, t, T, mask=tokens)   (native kernel when built, see below)
   eager    F.kl_div(F.log_softmax(s/T), F.softmax(t/T), reduction="none").sum(-1) over counted
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 
 import kdplug
 from bench_kd_loss import _rss_bytes  # this folder is on sys.path when run as a script
+from kdplug.engine.config import DistillConfig
+from kdplug.engine.loop import make_optimizer
 from kdplug.ops import backend_status, fused_linear_kd, kd_kl_div
 
 IGNORE = -100
@@ -65,6 +69,17 @@ def make_batch(batch, seq_len, vocab, seed, device):
     labels = tokens[:, 1:].masked_fill(~mask, IGNORE)
     return {k: v.to(device) for k, v in
             {"inputs": inputs, "labels": labels, "attention_mask": mask}.items()}
+
+
+def model_options(text):
+    """"num_layers=2,d_model=128" -> {"num_layers": 2, "d_model": 128}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        options[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return options
 
 
 def peak_growth(run):
@@ -97,6 +112,10 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--amp", choices=["none", "bf16"], default="none")
+    ap.add_argument("--teacher-options", type=model_options, default={},
+                    help="teacher model options, e.g. num_layers=2,d_model=128,num_heads=4")
+    ap.add_argument("--student-options", type=model_options, default={},
+                    help="student model options, e.g. num_layers=2,d_model=128")
     ap.add_argument("--with-fallback", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -109,17 +128,19 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
     opts = dict(vocab_size=args.vocab, max_len=args.seq_len)
-    teacher = kdplug.create_teacher("transformer-lm-teacher", **opts).to(device).eval()
+    teacher = kdplug.create_teacher("transformer-lm-teacher", **opts, **args.teacher_options)
+    teacher.to(device).eval()
     teacher.requires_grad_(False)
     variants = ["fused", "eager", "fused-linear"] + (["fallback"] if args.with_fallback else [])
     # one student (and optimizer) per variant, from the same initial weights
-    init = kdplug.create_student("transformer-lm-student", **opts)
+    init = kdplug.create_student("transformer-lm-student", **opts, **args.student_options)
     students = {}
     for v in variants:
-        s = kdplug.create_student("transformer-lm-student", **opts)
+        s = kdplug.create_student("transformer-lm-student", **opts, **args.student_options)
         s.load_state_dict(init.state_dict())
         s.to(device).train()
-        students[v] = (s, torch.optim.AdamW(s.parameters(), lr=1e-4))
+        students[v] = (s, make_optimizer(DistillConfig(optimizer="adamw", weight_decay=0.01),
+                                         s.parameters(), lr=1e-4))
     batches = [make_batch(args.batch, args.seq_len, args.vocab, i, device) for i in range(4)]
     tokens_per_step = int(batches[0]["attention_mask"].sum())  # the first batch's count
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16" \
@@ -181,7 +202,9 @@ def main(argv=None):
     status = backend_status()
     result = {
         "device": str(device), "torch_threads": torch.get_num_threads(),
-        "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq_len, "amp": args.amp,
+        "vocab": args.vocab, "batch": args.batch, "teacher_options": args.teacher_options,
+        "student_options": args.student_options, "optimizer": type(students["eager"][1]).__name__
+        + (" (fused)" if students["eager"][1].defaults.get("fused") else ""), "seq_len": args.seq_len, "amp": args.amp,
         "counted_tokens_per_step": tokens_per_step, "steps": args.steps,
         "repeats": args.repeats, "fused_backend": "native" if status["native_available"]
         and not status["env_overrides"].get("KDPLUG_FORCE_TORCH") else "torch",
@@ -193,8 +216,9 @@ def main(argv=None):
     print(f"LM distillation step, vocab {args.vocab}, batch {args.batch}×{args.seq_len} "
           f"({sum(counted) / len(counted):.0f} counted tokens/step on average), {device}, "
           f"{torch.get_num_threads()} threads, amp {args.amp}")
-    print(f"teacher transformer-lm-teacher, student transformer-lm-student; fused op backend: "
-          f"{result['fused_backend']}")
+    print(f"teacher transformer-lm-teacher {args.teacher_options or ''}, student "
+          f"transformer-lm-student {args.student_options or ''}; {result['optimizer']}; fused op "
+          f"backend: {result['fused_backend']}")
     print("first-step loss (same weights): " + ", ".join(f"{v} {x:.5f}" for v, x in first.items()))
     for v in variants:
         spread = f"[{min(times[v]):.0f}–{max(times[v]):.0f}]"
