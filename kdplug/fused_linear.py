@@ -339,7 +339,10 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         reduction: "batchmean" (per counted token, CE per labelled token, as kd_loss) or "sum".
             ("none" would need the head's gradient per token, which is what this avoids.)
         chunk_size: tokens per chunk; default default_chunk_size(V, H, itemsize) (~64 MiB of
-            logits per side in the compute dtype: 120 tokens at V = 128256, H = 4096, float32).
+            logits per side in the compute dtype, at least 256 tokens: 520 at V = 32000,
+            H = 256; 256 at V = 128256, float32).
+        On the CPU, rows the mask leaves out are dropped before the matmuls (teacher as
+        hidden+head or top-k): padding costs nothing.
         backend: "auto" (the native per-chunk op when built, else PyTorch), "native", "torch".
 
     Under autocast the matmuls and the op run in autocast's dtype, as F.linear's logits would;
