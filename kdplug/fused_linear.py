@@ -27,19 +27,18 @@ from ._topk_op import _check_values as check_topk_values
 
 API = "fused_linear_kd"
 REDUCTIONS = ("batchmean", "sum")
-CHUNK_BYTES = 64 * 2**20  # the logits of one chunk, per side
-# Fewer rows make the three per-chunk matmuls too thin: at V = 128256 the CPU's sgemm ran ~10%
-# slower at 128 rows than at 256 (benchmarks/bench_fused_linear.py --chunk-sizes).
-MIN_CHUNK_ROWS = 256
+# the logits of one chunk, per side. At V = 128256 (fp32, 2048 x 256) chunks of 128, 256 and
+# 512 rows ran within noise of each other (bench_fused_linear.py --chunk-sizes), so the
+# smallest memory wins.
+CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(vocab: int, hidden: int, itemsize: int = 4) -> int:
     """Rows per chunk: one side's logits and hidden rows (itemsize bytes per element: 4 for
-    float32, 2 for bf16) within CHUNK_BYTES, but never fewer than MIN_CHUNK_ROWS, a multiple of
-    8 rows (matmul-friendly). A chunk's logits are thus max(64 MiB, 256·V·itemsize) per side
-    (125 MiB at V = 128256 in float32), whatever the number of tokens."""
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (itemsize * (vocab + hidden)))
-    return rows - rows % 8
+    float32, 2 for bf16) within CHUNK_BYTES, a multiple of 8 rows (matmul-friendly) when more
+    than 8 fit."""
+    rows = max(1, CHUNK_BYTES // (itemsize * (vocab + hidden)))
+    return rows if rows < 8 else rows - rows % 8
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -339,8 +338,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         reduction: "batchmean" (per counted token, CE per labelled token, as kd_loss) or "sum".
             ("none" would need the head's gradient per token, which is what this avoids.)
         chunk_size: tokens per chunk; default default_chunk_size(V, H, itemsize) (~64 MiB of
-            logits per side in the compute dtype, at least 256 tokens: 520 at V = 32000,
-            H = 256; 256 at V = 128256, float32).
+            logits per side in the compute dtype: 120 tokens at V = 128256, H = 4096, float32).
         On the CPU, rows the mask leaves out are dropped before the matmuls (teacher as
         hidden+head or top-k): padding costs nothing.
         backend: "auto" (the native per-chunk op when built, else PyTorch), "native", "torch".
