@@ -4,7 +4,7 @@ two output heads: the logits materialized vs computed chunk by chunk (kdplug.ops
     python benchmarks/bench_fused_linear.py                     # the grid (slow on a CPU)
     python benchmarks/bench_fused_linear.py --tokens 2048 --hidden 256 --vocab 32000 128256
     python benchmarks/bench_fused_linear.py --quick             # a smoke run
-    python benchmarks/bench_fused_linear.py --vocab 128256 --variants unfused native --chunk-sizes 128 512
+    python benchmarks/bench_fused_linear.py --vocab 128256 --chunk-sizes 256 512  # + other chunks
 
 The loss, every variant: α·T²·KL(teacher ‖ student) per token + (1 − α)·CE(student, labels), with
 student logits = h @ Wsᵀ (h and Ws learn) and teacher logits = ht @ Wtᵀ (frozen), T = 2, α = 0.5.

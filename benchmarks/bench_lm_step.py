@@ -8,10 +8,10 @@ the loss through kdplug's fused op against the eager PyTorch loss, in the same r
 One step is what the engine does per batch: the teacher (transformer-lm-teacher: 6 layers, d=384)
 in eval mode under no_grad, the student (transformer-lm-student: 2 layers, d=128) forward, the loss
 α·T²·KL(teacher ‖ student) per counted token + (1−α)·next-token CE, backward, AdamW step (the
-engine's optimizer: torch's fused AdamW). --teacher-options / --student-options change the models'
-sizes (e.g. num_layers=2,d_model=128,num_heads=4: a teacher whose body costs little beside its head). All
-variants use the same models, batches (right-padded, so the padding mask is exercised) and
-optimizer; only the loss differs:
+engine's optimizer: torch's fused AdamW). --teacher-options / --student-options change the
+models' sizes (e.g. num_layers=2,d_model=128,num_heads=4: a teacher whose body costs little
+beside its head). All variants use the same models, batches (right-padded, so the padding mask
+is exercised) and optimizer; only the loss differs:
 
   fused    kdplug.ops.kd_kl_div(s, t, T, mask=tokens)   (native kernel when built, see below)
   eager    F.kl_div(F.log_softmax(s/T), F.softmax(t/T), reduction="none").sum(-1) over counted
@@ -200,11 +200,14 @@ def main(argv=None):
             sync(device)
             times[v].append(n_tokens / (time.perf_counter() - start))
     status = backend_status()
+    optimizer = students["eager"][1]
+    optimizer_name = (type(optimizer).__name__
+                      + (" (fused)" if optimizer.defaults.get("fused") else ""))
     result = {
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "vocab": args.vocab, "batch": args.batch, "teacher_options": args.teacher_options,
-        "student_options": args.student_options, "optimizer": type(students["eager"][1]).__name__
-        + (" (fused)" if students["eager"][1].defaults.get("fused") else ""), "seq_len": args.seq_len, "amp": args.amp,
+        "student_options": args.student_options, "optimizer": optimizer_name,
+        "seq_len": args.seq_len, "amp": args.amp,
         "counted_tokens_per_step": tokens_per_step, "steps": args.steps,
         "repeats": args.repeats, "fused_backend": "native" if status["native_available"]
         and not status["env_overrides"].get("KDPLUG_FORCE_TORCH") else "torch",
