@@ -68,7 +68,8 @@ std::vector<double> math_rates(int64_t reps) {
   return {rate(neg, reps, [](const Vec& v) { return v; }),
           rate(neg, reps, [](const Vec& v) { return kdplug::cpu::fast_exp(v); }),
           rate(pos, reps, [](const Vec& v) { return kdplug::cpu::fast_log(v); }),
-          rate(pos, reps, [](const Vec& v) { return Vec(1.f) / v; })};
+          rate(pos, reps, [](const Vec& v) { return Vec(1.f) / v; }),
+          rate(pos, reps, [](const Vec& v) { return kdplug::KdLane<Vec>::div_mixture(Vec(1.f), v); })};
 }
 """
 
@@ -118,9 +119,10 @@ def main():
     torch.set_num_threads(1)
     n, c = (int(v) for v in args.shape.lower().split("x"))
 
-    loop, exp, log, div = compile_math(args.capability).math_rates(4000)
+    loop, exp, log, plain_div, div = compile_math(args.capability).math_rates(4000)
     print(f"one core, {args.capability}: elements/s (10^9) of a copy {loop / 1e9:.2f}, "
-          f"fast_exp {exp / 1e9:.2f}, fast_log {log / 1e9:.2f}, division {div / 1e9:.2f}")
+          f"fast_exp {exp / 1e9:.2f}, fast_log {log / 1e9:.2f}, division {plain_div / 1e9:.2f}, "
+          f"the skews' division (div_mixture) {div / 1e9:.2f}")
     ms = op_ms(n, c, getattr(torch, args.dtype), list(COUNTS), args.repeats)
     print(f"\nkd_loss forward+backward, {n}x{c} {args.dtype}, one thread (CPU ms, medians):")
     print(f"{'divergence':16s} {'ms':>8s} {'/ kl':>6s} {'elem/s':>9s} {'exp+log+div ms':>15s} "
