@@ -7,6 +7,7 @@ divergence against kl, and the fused hard-label term against the op plus a separ
     python benchmarks/bench_kd_loss.py --quick         # fewer repeats, two shapes
     python benchmarks/bench_kd_loss.py --parts divergences,kdce --no-memory
     python benchmarks/bench_kd_loss.py --threads 1         # steadier on a shared machine
+    python benchmarks/bench_kd_loss.py --threads 1 --cpu-time  # the thread's CPU time, not wall
     python benchmarks/bench_kd_loss.py --capability all  # native CPU kernels of each capability
 
 Parts:
@@ -107,6 +108,11 @@ def prepare(variant):
         _cpu_capability.select(variant.split(":", 1)[1], "selected by bench_kd_loss.py")
 
 
+# time.perf_counter, or time.thread_time with --cpu-time: on a machine shared with other jobs a
+# one-thread run is descheduled for whole time slices, which wall time counts and CPU time does not.
+clock = time.perf_counter
+
+
 def time_steps(steps, device, repeats):
     """Median ms of each step (a callable), interleaved so a noisy machine slows all alike."""
     for v, step in steps.items():  # warm-up: compile, JIT, allocator
@@ -118,10 +124,10 @@ def time_steps(steps, device, repeats):
         for v, step in steps.items():
             prepare(v)
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             sync(device)
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(clock() - t0)
     return {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
 
 
@@ -209,6 +215,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time each run by the thread's CPU time (CPU, --threads 1 only): "
+                             "steadier than wall time while other jobs share the cores")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; on a shared machine one thread "
                              "gives steadier figures, without waits for a descheduled thread)")
@@ -229,6 +238,12 @@ def main():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if device != "cpu" or torch.get_num_threads() != 1:
+            raise SystemExit("--cpu-time: expected --device cpu with --threads 1 (the CPU time "
+                             "of one thread is the whole run's only then)")
+        global clock
+        clock = time.thread_time
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - {"table", "divergences", "kdce"})
     if unknown:

@@ -151,6 +151,10 @@ inline void term_scales_host(int64_t rows, const KdLossOptions& o, double* kd, d
   if (o.reduction != kBatchMean) return;
   const bool* mask = o.mask.has_value() ? o.mask->data_ptr<bool>() : nullptr;
   const int64_t* labels = o.with_ce() ? o.labels->data_ptr<int64_t>() : nullptr;
+  if (!mask && !labels) {  // every row counts, none is labelled: nothing to read
+    *kd = 1.0 / static_cast<double>(std::max<int64_t>(rows, 1));
+    return;
+  }
   int64_t counted = 0, labelled = 0;
   for (int64_t r = 0; r < rows; ++r) {
     if (mask && !mask[r]) continue;

@@ -64,6 +64,8 @@ struct KdLane {
   static KD_HD V log(V v) { return kd_log(v); }
   static KD_HD V abs(V v) { return v < V(0) ? -v : v; }
   static KD_HD V sign(V v) { return V((v > V(0)) - (v < V(0))); }
+  // a / b for b in (0, 1] (a mixture); the CPU's vectors may trade the division for a reciprocal
+  static KD_HD V div_mixture(V a, V b) { return a / b; }
 };
 
 // exp(old_max - new_max), the factor that moves a running sum onto a new maximum.
@@ -124,14 +126,14 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
     const V m = beta * p + (one - beta) * q;
     const V pm = L::where_pos(m, p);  // as for jsd: an underflowed mixture drops the class
     const V v = L::where_pos(pm, pm * (log_p - L::log(m)));
-    const V w = L::where_pos(pm, pm / m);
+    const V w = L::where_pos(pm, L::div_mixture(pm, m));
     return {v, zero - (one - beta) * q * w, v - beta * pm * w};
   } else {
     static_assert(DIV == kSkewReverseKL, "unknown divergence");
     const V m = beta * q + (one - beta) * p;
     const V qm = L::where_pos(m, q);
     const V v = L::where_pos(qm, qm * (log_q - L::log(m)));
-    const V w = L::where_pos(qm, qm / m);
+    const V w = L::where_pos(qm, L::div_mixture(qm, m));
     return {v, v - beta * qm * w, zero - (one - beta) * p * w};
   }
 }

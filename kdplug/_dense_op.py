@@ -92,6 +92,14 @@ def _wants_grad(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
 
+def _rows(x: torch.Tensor, classes: int) -> torch.Tensor:
+    """x as contiguous [rows, classes]; a 2-D contiguous x as is (a reshape would add a view to
+    the autograd graph: a node in every backward, a sizeable share of a small batch's step)."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x
+    return x.reshape(-1, classes).contiguous()
+
+
 def native_path(student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
                 reduction, mask):
     classes = student.shape[-1]
@@ -99,7 +107,7 @@ def native_path(student, teacher, temperature, divergence, beta, labels, alpha, 
     student_grad, teacher_grad = _wants_grad(student), _wants_grad(teacher)
     loss = support.call_fused(
         torch.ops.kdplug.kd_loss_fwd.default, reduction == "none", student_grad or teacher_grad,
-        student.reshape(-1, classes).contiguous(), teacher.reshape(-1, classes).contiguous(),
+        _rows(student, classes), _rows(teacher, classes),
         temperature, DIVERGENCES[divergence], beta,
         labels.reshape(-1).long().contiguous() if with_ce else None, alpha if with_ce else 1.0,
         ignore_index, None if mask is None else mask.reshape(-1).contiguous(),

@@ -21,12 +21,73 @@ namespace {
 using Consts = KernelConsts<float>;
 constexpr int64_t R = kVec;  // rows per block
 
+#if defined(CPU_CAPABILITY_AVX512)
+// r[i][j] -> r[j][i] for a 16x16 float tile, in registers (unpacks, then 128-bit lane shuffles).
+// Every loop here and in its callers is unrolled, so that the tiles stay in registers.
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]),
+                  c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+    const __m512 x1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 x3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// The first n (<= 16) lanes.
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
+}
+#endif
+
 // A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]. Rows whose
-// lane is off are never read: their lanes hold zeros. float rows go by masked gathers (one per
-// class), 16-bit rows element by element.
+// lane is off are never read: their lanes hold zeros. float rows go by masked loads and 16x16
+// transposes (AVX-512) or masked gathers (AVX2), 16-bit rows element by element.
 template <typename T>
 void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // 16 classes at a time: each row's stretch by a masked load (contiguous, and lanes past the
+    // row never touch memory), then one in-register transpose; several times cheaper than one
+    // gather per class, which loads each element on its own.
+    for (int64_t k0 = 0; k0 < cols; k0 += 16) {
+      const __mmask16 cmask = first_lanes(cols - k0);
+      const int64_t nk = std::min<int64_t>(16, cols - k0);
+      __m512 tile[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        tile[r] = _mm512_maskz_loadu_ps(on[r] ? cmask : 0, rows + r * cols + k0);
+      }
+      transpose16(tile);
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) {
+        if (k < nk) _mm512_storeu_ps(dst + (k0 + k) * R, tile[k]);
+      }
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     // (at::vec::mask_gather is not used: its AVX-512 version compares the all-ones mask, a NaN,
     // for equality and so never loads anything.)
@@ -35,15 +96,6 @@ void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
       index[r] = static_cast<int32_t>(r * cols);
       bits[r] = on[r] ? -1 : 0;
     }
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512i vindex = _mm512_loadu_si512(index);
-    const __mmask16 mask = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(bits),
-                                                    _mm512_setzero_si512());
-    for (int64_t k = 0; k < cols; ++k) {
-      _mm512_storeu_ps(dst + k * R, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex,
-                                                             rows + k, 4));
-    }
-#else
     const __m256i vindex = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
     const __m256 mask = _mm256_castsi256_ps(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
@@ -51,7 +103,6 @@ void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
       _mm256_storeu_ps(dst + k * R, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), rows + k,
                                                              vindex, mask, 4));
     }
-#endif
     return;
   }
 #endif
@@ -63,24 +114,24 @@ void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
 }
 
 // The inverse for the lanes that are on: class-major src back into the rows. float rows go by
-// gathers from src (one per kVec classes of a row: strided loads from L1) and contiguous masked
-// stores, several times cheaper than scatters into the rows.
+// 16x16 transposes (AVX-512) or gathers from src (AVX2: strided loads from L1), then contiguous
+// masked stores, several times cheaper than scatters into the rows.
 template <typename T>
 void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t r = 0; r < R; ++r) {
-      if (!on[r]) continue;
-      for (int64_t k = 0; k < cols; k += 16) {
-        const __mmask16 mask = static_cast<__mmask16>(
-            cols - k >= 16 ? 0xffff : (1u << (cols - k)) - 1u);
-        const __m512i index = _mm512_add_epi32(
-            _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))),
-                               _mm512_set1_epi32(static_cast<int>(R))),
-            _mm512_set1_epi32(static_cast<int>(r)));
-        _mm512_mask_storeu_ps(rows + r * cols + k, mask,
-                              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, src, 4));
+    for (int64_t k0 = 0; k0 < cols; k0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, cols - k0);
+      __m512 tile[16];
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) {
+        tile[k] = k < nk ? _mm512_loadu_ps(src + (k0 + k) * R) : _mm512_setzero_ps();
+      }
+      transpose16(tile);
+      const __mmask16 cmask = first_lanes(nk);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        _mm512_mask_storeu_ps(rows + r * cols + k0, on[r] ? cmask : 0, tile[r]);
       }
     }
     return;
@@ -163,7 +214,7 @@ void small_blocks(const DenseProblem& p) {
       int64_t label[R];
       for (int64_t r = 0; r < R; ++r) {
         counted[r] = r < nr && (!p.mask || p.mask[r0 + r]);
-        label[r] = counted[r] ? c.label_of(p, r0 + r) : -1;
+        label[r] = c.with_ce && counted[r] ? c.label_of(p, r0 + r) : -1;
       }
       // rows that do not count are never read: their lanes compute on zeros
       block_in(s_all + r0 * cols, cols, counted, bs);
@@ -205,26 +256,27 @@ void small_blocks(const DenseProblem& p) {
       const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
       const Vec ce_log_sum = c.ce_separate ? fast_log(sum_s) : res.log_sum_x;
       const Vec fs = c.ce_separate ? Vec(1.f) / sum_s : fq;
-      float s_label[R];
-      for (int64_t r = 0; r < R; ++r) s_label[r] = label[r] < 0 ? 0.f : bs[label[r] * R + r];
-      // Each lane's coefficients: no hard-label term where the row's label does not count.
-      float lane_ce[R], lane_coef[R];
-      ((ce_max + ce_log_sum) - Vec::loadu(s_label)).store(lane_ce);
-      for (int64_t r = 0; r < R; ++r) {
-        lane_ce[r] = label[r] < 0 ? 0.f : lane_ce[r];
-        lane_coef[r] = label[r] < 0 ? 0.f : c.k.ce;
+      // Each lane's coefficients: no hard-label term where the row's label does not count
+      // (without labels, none anywhere: the per-row loops below are skipped).
+      float lane_ce[R] = {}, lane_coef[R] = {};
+      if (c.with_ce) {
+        float s_label[R];
+        for (int64_t r = 0; r < R; ++r) s_label[r] = label[r] < 0 ? 0.f : bs[label[r] * R + r];
+        ((ce_max + ce_log_sum) - Vec::loadu(s_label)).store(lane_ce);
+        for (int64_t r = 0; r < R; ++r) {
+          lane_ce[r] = label[r] < 0 ? 0.f : lane_ce[r];
+          lane_coef[r] = label[r] < 0 ? 0.f : c.k.ce;
+        }
       }
       const TermCoefsT<Vec> coefs{Vec(c.k.kd_loss), Vec(c.k.kd_grad), Vec::loadu(lane_coef)};
-      float loss[R], lanes_finite[4][R];
+      float loss[R], lane_nonfinite[R];
       (coefs.kd_loss * terms.value + coefs.ce * Vec::loadu(lane_ce)).store(loss);
-      res.max_x.store(lanes_finite[0]);
-      res.max_y.store(lanes_finite[1]);
-      res.log_sum_x.store(lanes_finite[2]);
-      res.log_sum_y.store(lanes_finite[3]);
+      // 0 in a lane whose four statistics are finite, NaN otherwise (0 * inf and 0 * NaN are NaN)
+      (res.max_x * zero + res.max_y * zero + res.log_sum_x * zero + res.log_sum_y * zero)
+          .store(lane_nonfinite);
       bool finite[R], good[R];
       for (int64_t r = 0; r < R; ++r) {
-        finite[r] = std::isfinite(lanes_finite[0][r]) && std::isfinite(lanes_finite[1][r]) &&
-                    std::isfinite(lanes_finite[2][r]) && std::isfinite(lanes_finite[3][r]);
+        finite[r] = lane_nonfinite[r] == 0.f;
         good[r] = counted[r] && finite[r];
         if (r < nr) loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
       }
