@@ -12,6 +12,7 @@
 #include <ATen/ops/stack.h>
 #include <c10/util/Exception.h>
 
+#include "kd_faults.h"
 #include "kd_math.h"
 #include "kd_namespace.h"
 
@@ -162,16 +163,17 @@ inline void term_scales_host(int64_t rows, const KdLossOptions& o, double* kd, d
 }
 
 // Labels of counted rows must be a class or ignore_index: the kernels read s[row, label].
-inline void check_labels_host(const char* op, int64_t rows, int64_t classes,
+// The message is kd_faults.h's, which the CUDA kernels' fault record raises too.
+inline void check_labels_host(KdFaultOp op, int64_t rows, int64_t classes,
                               const KdLossOptions& o) {
   if (!o.with_ce()) return;
   const bool* mask = o.mask.has_value() ? o.mask->data_ptr<bool>() : nullptr;
   const int64_t* labels = o.labels->data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     if ((mask && !mask[r]) || labels[r] == o.ignore_index) continue;
-    TORCH_CHECK(labels[r] >= 0 && labels[r] < classes, op, ": label ", labels[r], " of row ", r,
-                " is out of range [0, ", classes, ") and is not ignore_index (",
-                o.ignore_index, ")");
+    TORCH_CHECK(labels[r] >= 0 && labels[r] < classes,
+                kd_fault_message({kFaultLabelOutOfRange, op, r, labels[r], classes,
+                                  o.ignore_index}));
   }
 }
 
