@@ -198,7 +198,9 @@ class KDLoss(nn.Module):
         return self.soft_target(_logits(student_out), teacher_out, batch)
 
     def extra_repr(self) -> str:
-        beta = f", beta={self.beta:g}" if self.divergence in _beta_divergences() else ""
+        from ._op_support import BETA_DIVERGENCES
+
+        beta = f", beta={self.beta:g}" if self.divergence in BETA_DIVERGENCES else ""
         return f"temperature={self.temperature:g}, divergence={self.divergence}{beta}"
 
 
@@ -239,27 +241,14 @@ def _labels_for(logits: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
     return labels
 
 
-def _beta_divergences():
-    from ._op_support import BETA_DIVERGENCES
-
-    return BETA_DIVERGENCES
-
-
 def _check_divergence(divergence: Any, beta: Any):
-    from ._op_support import DIVERGENCES
+    """The op's own check (one rule for the op and the losses), as a configuration error."""
+    from ._op_support import check_divergence
 
-    if divergence not in DIVERGENCES:
-        raise KdplugError(
-            f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r} (see "
-            "kdplug.ops.kd_loss)")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise KdplugError(f"beta must be a number in (0, 1), got {beta!r}")
-    beta = float(beta)
-    if divergence in _beta_divergences() and not 0.0 < beta < 1.0:
-        raise KdplugError(
-            f"beta must be in (0, 1) for divergence {divergence!r}, got {beta:g} (the mixing "
-            "weight m = beta*p_teacher + (1-beta)*q_student)")
-    return divergence, beta
+    try:
+        return divergence, check_divergence("loss option", divergence, beta)
+    except (TypeError, ValueError) as exc:
+        raise KdplugError(str(exc)) from None
 
 
 def _no_options(name: str, options: Dict[str, Any]) -> None:

@@ -306,3 +306,35 @@ def test_export_errors_name_what_is_wrong(tmp_path, run_kdplug):
     proc = run_kdplug("export", str(tmp_path), "--out", str(tmp_path / "x.pt"), "--phase",
                       "teacher")
     assert proc.returncode == 1 and "Error: " in proc.stderr and "teacher phase" in proc.stderr
+
+
+class OneRank:
+    """A process of a group as save_sharded sees it: rank 0 sends, the others receive."""
+
+    def __init__(self, is_main: bool, received=None):
+        self.is_main, self.received, self.sent = is_main, received, []
+
+    def broadcast(self, obj):
+        self.sent.append(obj)
+        return obj if self.is_main else self.received
+
+
+def test_a_shard_folder_rank_0_cannot_make_stops_every_process(monkeypatch, tmp_path):
+    import errno
+
+    from kdplug.engine import sharded_checkpoint
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sharded_checkpoint, "_new_folder", full_disk)
+    status = {"epoch": 0, "step": 4}
+    rank0 = OneRank(is_main=True)
+    with pytest.raises(OSError, match="No space left"):
+        sharded_checkpoint.save_sharded({}, status, tmp_path / "student.pt", rank0)
+    folder, error = rank0.sent[0]  # the others were told instead of left waiting
+    assert folder is None and "student.shards" in error and "No space left" in error
+    rank1 = OneRank(is_main=False, received=rank0.sent[0])
+    with pytest.raises(kdplug.KdplugError, match=r"rank 0 could not prepare the shard folder.*"
+                                                 r"No space left"):
+        sharded_checkpoint.save_sharded({}, status, tmp_path / "student.pt", rank1)

@@ -168,9 +168,9 @@ def test_kd_ce_against_a_top_k_teacher_fuses_too():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(divergence="js"), r"divergence must be one of kl, reverse_kl, jsd, tvd, skew_kl, "
-                            r"skew_reverse_kl, got 'js'"),
-    (dict(divergence="jsd", beta=1.0), r"beta must be in \(0, 1\) for divergence 'jsd', got 1"),
+    (dict(divergence="js"), r"divergence must be one of \['jsd', 'kl', 'reverse_kl', 'skew_kl', "
+                            r"'skew_reverse_kl', 'tvd'\], got 'js'"),
+    (dict(divergence="jsd", beta=1.0), r"beta must be in \(0, 1\) for divergence='jsd'.*got 1"),
     (dict(divergence="skew_kl", beta="x"), r"beta must be a number"),
 ])
 def test_bad_divergence_options_are_clear_errors(options, message):

@@ -1,6 +1,6 @@
 """Training paths beyond the defaults: gradient accumulation, sgd/adam, the linear and constant
-schedules with warm-up, bf16 autocast on the CPU, gradient clipping, the fp16 grad scaler's logic
-(on the CPU as far as it goes: autocast fp16 itself needs CUDA) — each runs, and resumes exactly."""
+schedules with warm-up, bf16 and fp16 autocast on the CPU (fp16 with its grad scaler), gradient
+clipping — each runs, and resumes exactly."""
 from __future__ import annotations
 
 import copy
@@ -97,6 +97,7 @@ PATHS = {
     "sgd, constant with warm-up": dict(optimizer="sgd", scheduler="constant", warmup_steps=5),
     "adam, linear with warm-up": dict(optimizer="adam", scheduler="linear", warmup_steps=5),
     "adamw, bf16 autocast": dict(amp="bf16"),
+    "adamw, fp16 autocast and grad scaler": dict(amp="fp16"),
     "sgd, grad clip": dict(optimizer="sgd", grad_clip=0.05, lr=0.1),
 }
 
@@ -116,6 +117,27 @@ def test_each_path_trains_and_resumes_exactly(tmp_path, options):
     untrained = mlp(8, 2)
     assert any(not torch.equal(p, q) for p, q in zip(untrained.parameters(),
                                                       reference.student.model.parameters()))
+
+
+def test_fp16_training_computes_in_half_precision_with_a_scaler(tmp_path):
+    run = dict(epochs=1, teacher_epochs=1, seed=5, quiet=True, batch_size=32,
+               checkpoint_every=3)
+    half = distill(**objects(), **run, amp="fp16", out=str(tmp_path / "fp16"))
+    full = distill(**objects(), **run, out=str(tmp_path / "fp32"))
+    saved = load_checkpoint(tmp_path / "fp16" / "checkpoints" / "student.pt")
+    assert saved["state"]["scaler"]["scale"] > 1.0  # the grad scaler ran and was checkpointed
+    losses = [r["train_loss"] for r in half.student.history]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses != [r["train_loss"] for r in full.student.history]  # autocast really ran
+    assert all(p.dtype == torch.float32 for p in half.student.model.parameters())
+
+
+def test_an_autocast_dtype_the_device_cannot_compute_in_is_refused(monkeypatch):
+    from kdplug.engine import loop
+    assert loop.autocast_computes_in(torch.device("cpu"), torch.float16)
+    monkeypatch.setattr(loop, "autocast_computes_in", lambda device, dtype: False)
+    with pytest.raises(kdplug.KdplugError, match=r"amp 'fp16'.*does not compute in torch.float16"):
+        loop.autocast_factory("fp16", torch.device("cpu"))
 
 
 def test_the_schedules_lr_after_warm_up():
@@ -172,8 +194,8 @@ def test_grad_clip_changes_the_update_as_clip_grad_norm_does():
 
 
 def test_the_grad_scaler_path_on_the_cpu():
-    """What fp16 training adds besides autocast (CUDA only): loss scaling, unscaling before the
-    clip, skipping a step whose gradients overflowed and lowering the scale."""
+    """What fp16 training adds besides autocast: loss scaling, unscaling before the clip,
+    skipping a step whose gradients overflowed and lowering the scale."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     before, trained, batch = one_sgd_step(grad_clip=0.05, scaler=scaler)
     want, _ = reference_update(before, batch, 0.05)

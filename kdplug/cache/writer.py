@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from .._version import __version__
 from .._writable import check_writable, creating_folder
 from ..data import DataSplits
-from ..engine.batching import (SeededDataset, ShardSampler, call_model, check_batch, collate,
-                               probe_batch, to_device)
+from ..engine.batching import (EpochItems, SeededDataset, ShardSampler, call_model, check_batch,
+                               collate, probe_batch, to_device)
 from ..engine.components import Source, build_data, build_teacher
 from ..engine.distributed import DistEnv, setup
 from ..engine.evaluate import evaluate
@@ -139,23 +139,6 @@ def identity(record: Mapping[str, Any]) -> Dict[str, Any]:
             value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(key, ())}
         out[key] = value
     return out
-
-
-class _ViewItems(Dataset):
-    """Items keyed by (view, index): loaded as the engine loads epoch ``view``'s item ``index``."""
-
-    def __init__(self, dataset: Dataset, seed: int, seeded: bool) -> None:
-        self.dataset = SeededDataset(dataset, seed) if seeded else dataset
-        self.seeded = seeded
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: Tuple[int, int]) -> Any:
-        view, index = key
-        if self.seeded and view != self.dataset.epoch:
-            self.dataset.set_epoch(view)
-        return self.dataset[index]
 
 
 @dataclass(frozen=True)
@@ -362,8 +345,10 @@ class _Writer:
                        file=sys.stderr, dynamic_ncols=True)
         written = skipped = done = 0
         every = max(1, math.ceil(len(mine) / 10))
-        items = _ViewItems(self.splits.train, self.cfg.seed, seeded=self.layout.views > 1 or
-                           self.plan["transform"]["seed"] is not None)
+        seeded = self.layout.views > 1 or self.plan["transform"]["seed"] is not None
+        # keyed (view, index): view v is what the engine's epoch v loads
+        items = EpochItems(SeededDataset(self.splits.train, self.cfg.seed) if seeded
+                           else self.splits.train)
         for n, (view, chunk) in enumerate(mine, 1):
             start, stop = self.layout.ranges[chunk]
             unit_started = time.perf_counter()

@@ -289,11 +289,12 @@ class EpochItems(Dataset):
     """``dataset[(epoch, index)]``: sets the epoch of ``dataset`` (``set_epoch``) in the process
     that loads the item, then loads it. A persistent DataLoader worker keeps its own copy of the
     data set, which the main process's ``set_epoch`` never reaches; the key carries the epoch
-    there."""
+    there. A data set without ``set_epoch`` gives the same items in every epoch."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
         self.epoch: Optional[int] = None
+        self._set_epoch = getattr(dataset, "set_epoch", None)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -303,8 +304,8 @@ class EpochItems(Dataset):
 
     def __getitems__(self, keys: Sequence[Tuple[int, int]]) -> List[Any]:
         for epoch, _ in keys[:1]:  # a batch's keys share their epoch
-            if epoch != self.epoch:
-                self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+            if epoch != self.epoch and self._set_epoch is not None:
+                self._set_epoch(epoch)
                 self.epoch = epoch
         return load_items(self.dataset, [index for _, index in keys])
 

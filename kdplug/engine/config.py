@@ -112,7 +112,7 @@ class DistillConfig:
     grad_clip: Optional[float] = setting(None, default_text="none", help="Max gradient norm.")
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N.")
     amp: str = setting("none", choices=AMP_MODES,
-                       help="Mixed precision (autocast); fp16: CUDA only, with a grad scaler.")
+                       help="Mixed precision (autocast); fp16 runs with a grad scaler.")
     strategy: str = setting("ddp", choices=STRATEGIES,
                             help="How torchrun's processes share the models: ddp (each holds them "
                                  "whole) or fsdp (parameters, gradients and optimizer state "

@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
@@ -60,11 +61,24 @@ class NonFiniteLossError(KdplugError):
 def autocast_factory(amp: str, device: torch.device) -> Callable[[], ContextManager]:
     if amp == "none":
         return contextlib.nullcontext
-    if amp == "fp16" and device.type != "cuda":
-        raise KdplugError(f"amp 'fp16' needs a CUDA device (this run is on {device}); "
-                          "use --amp bf16 on the CPU")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if not autocast_computes_in(device, dtype):
+        raise KdplugError(f"amp {amp!r}: torch {torch.__version__}'s autocast on {device.type} "
+                          f"does not compute in {dtype} (it would silently run in float32); "
+                          f"use --amp bf16, or a newer torch")
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_computes_in(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast on this device really runs a matmul in dtype: older torch builds accept
+    float16 on the CPU but only warn and leave autocast off."""
+    if device.type == "cuda":
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device.type, dtype=dtype):
+            probe = torch.mm(torch.ones(1, 1, device=device), torch.ones(1, 1, device=device))
+    return probe.dtype == dtype
 
 
 def make_optimizer(cfg: DistillConfig, params: Sequence[nn.Parameter], lr: float
@@ -196,7 +210,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            make_schedule(cfg, total_steps,
                                                                          steps_per_epoch))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(env.device.type) if cfg.amp == "fp16" else None
         self.autocast = autocast_factory(cfg.amp, env.device)
         self._loss_total = torch.zeros(1, dtype=torch.float64, device=self._reduce_device())
         self._accumulated = 0  # micro-batches whose gradients wait for the optimizer step

@@ -60,7 +60,7 @@ def save_sharded(content: Dict[str, Any], status: Dict[str, Any], path: Path,
     then rank 0 writes ``status`` to ``path`` naming them, and removes older shard folders."""
     path = Path(path)
     root = path.with_suffix(".shards")
-    folder = env.broadcast(_new_folder(root, path, status) if env.is_main else None)
+    folder = _agreed_folder(root, path, status, env)
     dcp.save(content, checkpoint_id=folder)  # returns on rank 0 once every rank's shards are in
     if not env.is_main:
         return
@@ -74,6 +74,24 @@ def save_sharded(content: Dict[str, Any], status: Dict[str, Any], path: Path,
 def remove_shards(path: Path) -> None:
     """Removes the shard folders of the checkpoint at ``path`` (now written as one file)."""
     shutil.rmtree(Path(path).with_suffix(".shards"), ignore_errors=True)
+
+
+def _agreed_folder(root: Path, path: Path, status: Mapping[str, Any], env: DistEnv) -> str:
+    """Rank 0 makes the save's folder and tells every process; when it cannot, every process
+    raises (the others would otherwise wait in the broadcast until the group's timeout)."""
+    choice, failure = None, None
+    if env.is_main:
+        try:
+            choice = (_new_folder(root, path, status), None)
+        except Exception as exc:  # any failure must reach the other processes
+            failure = exc
+            choice = (None, f"could not prepare the shard folder under {str(root)!r}: {exc}")
+    folder, error = env.broadcast(choice)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise KdplugError(f"rank 0 {error}")
+    return folder
 
 
 def _new_folder(root: Path, path: Path, status: Mapping[str, Any]) -> str:
