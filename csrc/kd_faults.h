@@ -1,17 +1,15 @@
 // Faults in the op's integer inputs (a top-k index outside [0, C) or repeated within its row, a
-// hard label outside [0, C) that is not ignore_index): their codes, the record a CUDA kernel
-// writes, and the one message text for each. The CPU kernels raise that text at once; the CUDA
-// kernels record the fault on the device and cuda/kernel_faults_cuda.cpp raises the very same
-// text later (see docs/op.md, "Bad indices and labels on a GPU"). Free of torch headers: the .cu
-// files include it.
+// hard label outside [0, C) that is not ignore_index): their codes and the record a CUDA kernel
+// writes. Both devices raise a fault through kernel_faults::raise (kernel_faults.cpp, the one
+// place of the message text): the CPU kernels at once, the CUDA kernels' record later (see
+// docs/op.md, "Bad indices and labels on a GPU"). Free of torch headers: the .cu files include it.
+//
+// Plain namespace kdplug, not the per-capability one (kd_namespace.h): the CPU kernel files only
+// build records and call the compiled-once raise, so no inline code of this header is emitted in
+// an object compiled for AVX.
 #pragma once
 
 #include <stdint.h>
-
-#include <sstream>
-#include <string>
-
-#include "kd_namespace.h"
 
 #if defined(__CUDACC__)
 #define KD_FAULT_HD __host__ __device__ inline
@@ -19,7 +17,7 @@
 #define KD_FAULT_HD inline
 #endif
 
-KD_NAMESPACE_BEGIN
+namespace kdplug {
 
 enum KdFaultCode : int32_t {
   kFaultNone = 0,
@@ -38,33 +36,6 @@ struct KdFaultRecord {
   int64_t row, value, cols, ignore_index;
 };
 constexpr int kFaultRecordFields = 6;  // code, op, row, value, cols, ignore_index
-
-inline const char* kd_fault_op_name(int32_t op) {
-  return op == kFaultOpKdLossTopk ? "kd_loss_topk_fwd" : "kd_loss_fwd";
-}
-
-// The error text of a fault, the same whichever device found it.
-inline std::string kd_fault_message(const KdFaultRecord& f) {
-  std::ostringstream m;
-  m << kd_fault_op_name(f.op) << ": ";
-  switch (f.code) {
-    case kFaultIndexOutOfRange:
-      m << "index " << f.value << " of row " << f.row << " out of range [0, " << f.cols << ")";
-      break;
-    case kFaultIndexRepeats:
-      m << "index " << f.value << " repeats in row " << f.row
-        << " (a row's top-k classes must be distinct)";
-      break;
-    case kFaultLabelOutOfRange:
-      m << "label " << f.value << " of row " << f.row << " is out of range [0, " << f.cols
-        << ") and is not ignore_index (" << f.ignore_index << ")";
-      break;
-    default:
-      m << "unknown kernel fault code " << f.code << " (row " << f.row << ", value " << f.value
-        << ")";
-  }
-  return m.str();
-}
 
 // Records a fault unless one is recorded already (rec may be null: nowhere to record, e.g. a
 // launch captured into a CUDA graph before any record existed). On the host (the lane
@@ -87,4 +58,4 @@ KD_FAULT_HD void kd_record_fault(KdFaultRecord* rec, int32_t code, int32_t op, i
   rec->ignore_index = ignore_index;
 }
 
-KD_NAMESPACE_END
+}  // namespace kdplug

@@ -1,6 +1,7 @@
 #include "kernel_faults.h"
 
 #include <atomic>
+#include <sstream>
 
 #include <c10/util/Exception.h>
 
@@ -12,8 +13,30 @@ std::atomic<Checker> g_cuda_checker{nullptr};
 
 }  // namespace
 
+std::string message(const KdFaultRecord& f) {
+  std::ostringstream m;
+  m << (f.op == kFaultOpKdLossTopk ? "kd_loss_topk_fwd" : "kd_loss_fwd") << ": ";
+  switch (f.code) {
+    case kFaultIndexOutOfRange:
+      m << "index " << f.value << " of row " << f.row << " out of range [0, " << f.cols << ")";
+      break;
+    case kFaultIndexRepeats:
+      m << "index " << f.value << " repeats in row " << f.row
+        << " (a row's top-k classes must be distinct)";
+      break;
+    case kFaultLabelOutOfRange:
+      m << "label " << f.value << " of row " << f.row << " is out of range [0, " << f.cols
+        << ") and is not ignore_index (" << f.ignore_index << ")";
+      break;
+    default:
+      m << "unknown kernel fault code " << f.code << " (row " << f.row << ", value " << f.value
+        << ")";
+  }
+  return m.str();
+}
+
 void raise(const KdFaultRecord& fault) {
-  TORCH_CHECK(false, kd_fault_message(fault));
+  TORCH_CHECK(false, message(fault));
   __builtin_unreachable();
 }
 

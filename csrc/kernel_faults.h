@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include <c10/util/ArrayRef.h>
 
@@ -12,8 +13,11 @@
 namespace kdplug {
 namespace kernel_faults {
 
-// Raises the fault's error, kd_fault_message's text (a RuntimeError in Python): the same error
-// the CPU kernels raise for the same input.
+// The error text of a fault, the same whichever device found it.
+std::string message(const KdFaultRecord& fault);
+
+// Raises the fault's error, message(fault) (a RuntimeError in Python): the CPU kernels call it at
+// the faulting row, the CUDA check with a kernel's record.
 [[noreturn]] void raise(const KdFaultRecord& fault);
 
 // kdplug::check_kernel_faults: raises the first fault a kernel recorded on any device, and clears

@@ -197,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
     const int64_t* row = idx + r * k;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t i = row[j];
-      TORCH_CHECK(i >= 0 && i < cols, kd_fault_message({kFaultIndexOutOfRange,
-                                                         kFaultOpKdLossTopk, r, i, cols, 0}));
-      TORCH_CHECK(!seen[i], kd_fault_message({kFaultIndexRepeats, kFaultOpKdLossTopk, r, i,
-                                              cols, 0}));
+      if (i < 0 || i >= cols) {
+        kernel_faults::raise({kFaultIndexOutOfRange, kFaultOpKdLossTopk, r, i, cols, 0});
+      }
+      if (seen[i]) kernel_faults::raise({kFaultIndexRepeats, kFaultOpKdLossTopk, r, i, cols, 0});
       seen[i] = 1;
     }
     for (int64_t j = 0; j < k; ++j) seen[row[j]] = 0;
