@@ -30,9 +30,11 @@ export PYTHONPATH="$PWD:$PWD/plugins${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m kdplug doctor
 # The op's tests on the GPU: kl (test_ops, test_ops_cuda's forced thread layouts), every divergence
 # and the fused hard-label term (test_ops_divergences), the top-k teacher with every divergence
-# (test_ops_topk), each also on the CPU. Then the forced layouts once more for the new divergences.
+# (test_ops_topk), the kernels' fault record for bad indices and labels (test_kernel_faults), each
+# also on the CPU. Then the forced layouts once more for the new divergences.
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_ops_cuda.py \
-    tests/test_ops_divergences.py tests/test_ops_topk.py -k "not jit_build" -rs 2>&1 | tail -25
+    tests/test_ops_divergences.py tests/test_ops_topk.py tests/test_kernel_faults.py \
+    -k "not jit_build" -rs 2>&1 | tail -25
 for path in group block split; do
     KDPLUG_CUDA_PATH=$path KDPLUG_CUDA_SPLITS=3 timeout 120 "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_ops_divergences.py -k "cuda and matches_float64" 2>&1 | tail -2

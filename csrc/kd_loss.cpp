@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "grad_buffers.h"
+#include "kernel_faults.h"
 
 // Importing kdplug._C loads this library and so registers the ops below; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
@@ -43,4 +44,11 @@ TORCH_LIBRARY(kdplug, m) {
   // Frees the large CPU gradient buffer the CPU ops keep for reuse (grad_buffers.h); returns its
   // size in bytes.
   m.def("release_grad_buffers() -> int", &kdplug::grad_buffers::release);
+  // Raises the first bad top-k index or label a CUDA kernel recorded (kernel_faults.h), and
+  // clears it; wait: after every queued kernel has run, else only from records already copied
+  // to the host. A no-op without CUDA (the CPU kernels raise at once).
+  m.def("check_kernel_faults(bool wait=True) -> ()", &kdplug::kernel_faults::check);
+  // Raises the error of a fault record [code, op, row, value, cols, ignore_index] (kd_faults.h),
+  // as the CUDA path does; for tests on machines without a GPU.
+  m.def("raise_kernel_fault(int[] record) -> ()", &kdplug::kernel_faults::raise_fields);
 }

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include "kd_math.h"
+#include "kernel_faults.h"
 #include "kd_namespace.h"
 
 KD_NAMESPACE_BEGIN
@@ -166,16 +167,17 @@ inline void term_scales_host(int64_t rows, const KdLossOptions& o, double* kd, d
 }
 
 // Labels of counted rows must be a class or ignore_index: the kernels read s[row, label].
-inline void check_labels_host(const char* op, int64_t rows, int64_t classes,
+// Raised through kernel_faults::raise, as the CUDA kernels' fault record is.
+inline void check_labels_host(KdFaultOp op, int64_t rows, int64_t classes,
                               const KdLossOptions& o) {
   if (!o.with_ce()) return;
   const bool* mask = o.mask.has_value() ? o.mask->data_ptr<bool>() : nullptr;
   const int64_t* labels = o.labels->data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     if ((mask && !mask[r]) || labels[r] == o.ignore_index) continue;
-    TORCH_CHECK(labels[r] >= 0 && labels[r] < classes, op, ": label ", labels[r], " of row ", r,
-                " is out of range [0, ", classes, ") and is not ignore_index (",
-                o.ignore_index, ")");
+    if (labels[r] < 0 || labels[r] >= classes) {
+      kernel_faults::raise({kFaultLabelOutOfRange, op, r, labels[r], classes, o.ignore_index});
+    }
   }
 }
 

@@ -32,7 +32,7 @@ def check_inputs(api, student, teacher, temperature, divergence, beta, labels, a
     support.check_choice(api, "backend", backend, support.BACKENDS)
     support.check_mask(api, mask, student.shape[:-1], student.device)
     alpha = support.check_labels(api, labels, alpha, student.shape[:-1], student.device,
-                                 student.shape[-1], ignore_index, mask)
+                                 student.shape[-1], ignore_index, mask, values=False)
     return temperature, beta, alpha
 
 
@@ -121,9 +121,10 @@ def _run(api, student, teacher, temperature, divergence, beta, labels, alpha, ig
                                             labels, alpha, ignore_index, reduction, mask, backend)
     device_type = student.device.type
     supported = not (student.dtype == torch.float64 and device_type != "cpu")
-    path = native_path
-    if support.choose_backend(api, OP, backend, device_type, supported) != "native":
-        path = torch_path
+    native = support.choose_backend(api, OP, backend, device_type, supported) == "native"
+    if support.is_plain_eager(student) and support.checks_values(native, student.device):
+        support.check_label_values(api, labels, alpha, student.shape[-1], ignore_index, mask)
+    path = native_path if native else torch_path
     return path(student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
                 reduction, mask)
 

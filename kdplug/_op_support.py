@@ -2,7 +2,9 @@
 the scaling of a gradient the forward already computed."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import threading
+from typing import Iterator, Optional
 
 import torch
 
@@ -73,9 +75,9 @@ def check_divergence(op: str, divergence, beta) -> float:
 
 
 def check_labels(op: str, labels, alpha, rows_shape, device, classes: int, ignore_index,
-                 mask) -> float:
-    """α in [0, 1]; labels (class indices shaped like the rows) when α < 1; their values in
-    eager mode: a class or ignore_index in every counted row."""
+                 mask, values: bool = True) -> float:
+    """α in [0, 1]; labels (class indices shaped like the rows) when α < 1; with ``values``,
+    their values too (:func:`check_label_values`)."""
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
         alpha = alpha.item()
     alpha = hyperparameters.check_alpha(alpha, prefix=f"{op}: ")
@@ -92,14 +94,59 @@ def check_labels(op: str, labels, alpha, rows_shape, device, classes: int, ignor
         raise ValueError(f"{op}: labels on {labels.device} but logits on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if alpha < 1.0 and is_plain_eager(labels):
-        counted = labels if mask is None else labels[mask]
-        bad = (counted != ignore_index) & ((counted < 0) | (counted >= classes))
-        if bool(bad.any()):
-            value = int(counted[bad][0])
-            raise ValueError(f"{op}: labels must be classes in [0, {classes}) or ignore_index "
-                             f"({ignore_index}), found {value}")
+    if values:
+        check_label_values(op, labels, alpha, classes, ignore_index, mask)
     return alpha
+
+
+def check_label_values(op: str, labels, alpha: float, classes: int, ignore_index, mask) -> None:
+    """In eager mode, when the hard-label term counts: a class or ignore_index in every counted
+    row (a read of the labels: a device sync on a GPU)."""
+    if labels is None or alpha >= 1.0 or not is_plain_eager(labels):
+        return
+    counted = labels if mask is None else labels[mask]
+    bad = (counted != ignore_index) & ((counted < 0) | (counted >= classes))
+    if bool(bad.any()):
+        value = int(counted[bad][0])
+        raise ValueError(f"{op}: labels must be classes in [0, {classes}) or ignore_index "
+                         f"({ignore_index}), found {value}")
+
+
+_deferral = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_value_checks() -> Iterator[None]:
+    """Within it (this thread), op calls that run the native CUDA kernel skip the value checks
+    that read their tensors (label and top-k index ranges, repeated indices, the bucket's mass):
+    each read would make the host wait for the GPU at every step. The kernels record such faults
+    on the device instead; :func:`check_kernel_faults` (or a later op call) raises them. Nothing
+    changes on the CPU (its kernels raise at once) or on the pure-PyTorch path."""
+    depth = getattr(_deferral, "depth", 0)
+    _deferral.depth = depth + 1
+    try:
+        yield
+    finally:
+        _deferral.depth = depth
+
+
+def checks_values(native: bool, device: torch.device) -> bool:
+    """Whether an op call reads its inputs' values to check them: yes, unless
+    :func:`deferred_value_checks` holds and the native CUDA kernel (which records faults) runs."""
+    return not (native and device.type == "cuda" and getattr(_deferral, "depth", 0) > 0)
+
+
+def check_kernel_faults(wait: bool = True) -> None:
+    """Raises (RuntimeError, the CPU kernels' message) the first bad top-k index or label a CUDA
+    kernel recorded since the last check, and clears it. ``wait=True`` waits for every kernel
+    queued on the GPUs first (a device sync); ``wait=False`` only looks at what has already
+    reached the host. Costs nothing where no CUDA kernel of kdplug ran."""
+    if not torch.cuda.is_initialized():
+        return
+    status = _ext._status  # loaded already if any kernel of kdplug ran
+    if status is None or not status.available:
+        return
+    torch.ops.kdplug.check_kernel_faults(wait)
 
 
 def check_mask(op: str, mask: Optional[torch.Tensor], rows_shape, device) -> None:

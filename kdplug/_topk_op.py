@@ -45,7 +45,7 @@ def check_inputs(api, student, indices, logprobs, temperature, divergence, beta,
     support.check_choice(api, "backend", backend, support.BACKENDS)
     support.check_mask(api, mask, student.shape[:-1], student.device)
     alpha = support.check_labels(api, labels, alpha, student.shape[:-1], student.device, classes,
-                                 ignore_index, mask)
+                                 ignore_index, mask, values=False)
     if divergence == "reverse_kl" and rest == "renormalize":
         raise ValueError(f"{api}: divergence='reverse_kl' against a renormalized top-k teacher "
                          f"is infinite (the student always has mass outside the teacher's k "
@@ -53,8 +53,6 @@ def check_inputs(api, student, indices, logprobs, temperature, divergence, beta,
     if logprobs.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{api}: the top-k path gives no gradient to the teacher; pass "
                          f"teacher_logprobs.detach() (or use kd_loss with dense logits)")
-    if support.is_plain_eager(indices):
-        _check_values(api, indices, logprobs, classes, mask, rest)
     return temperature, beta, alpha
 
 
@@ -162,9 +160,13 @@ def _run(api, student, indices, logprobs, temperature, divergence, beta, labels,
                                             reduction, mask, rest, backend)
     device_type = student.device.type
     supported = student.dtype != torch.float64
-    path = native_path
-    if support.choose_backend(api, OP, backend, device_type, supported) != "native":
-        path = torch_path
+    native = support.choose_backend(api, OP, backend, device_type, supported) == "native"
+    if support.is_plain_eager(student) and support.checks_values(native, student.device):
+        classes = student.shape[-1]
+        support.check_label_values(api, labels, alpha, classes, ignore_index, mask)
+        if support.is_plain_eager(indices):
+            _check_values(api, indices, logprobs, classes, mask, rest)
+    path = native_path if native else torch_path
     return path(student, indices, logprobs, temperature, divergence, beta, labels, alpha,
                 ignore_index, reduction, mask, rest)
 

@@ -20,7 +20,7 @@ import torch
 
 from . import _cpu_capability, _ext
 from ._dense_op import kd_kl_div, kd_kl_div_reference, kd_loss, kd_loss_reference
-from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS
+from ._op_support import BACKENDS, DIVERGENCES, REDUCTIONS, check_kernel_faults
 from ._topk_op import (REST_MODES, kd_kl_div_topk, kd_kl_div_topk_reference, kd_loss_topk,
                        kd_loss_topk_reference)
 from .fused_linear import fused_linear_kd, fused_linear_kd_reference
@@ -28,7 +28,7 @@ from .fused_linear import fused_linear_kd, fused_linear_kd_reference
 __all__ = ["kd_loss", "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference",
            "kd_kl_div", "kd_kl_div_reference", "kd_kl_div_topk", "kd_kl_div_topk_reference",
            "fused_linear_kd", "fused_linear_kd_reference", "DIVERGENCES", "REDUCTIONS", "BACKENDS",
-           "REST_MODES", "backend_status", "release_buffers"]
+           "REST_MODES", "backend_status", "release_buffers", "check_kernel_faults"]
 
 
 def release_buffers() -> int:

@@ -13,7 +13,8 @@
 //   forced splits (0: the plan's); FLAGS bit 0 labels, bit 1 mask, bit 2 teacher gradient.
 //   IN: float32 s[ROWS*COLS], float32 t[ROWS*COLS], int64 labels[ROWS], uint8 mask[ROWS].
 //   OUT: int64 path, threads, group, splits, chunk; float32 loss[ROWS], grad_s[ROWS*COLS],
-//   grad_t[ROWS*COLS] (NaN where not written).
+//   grad_t[ROWS*COLS] (NaN where not written); int64 fault record (kd_faults.h: code, op, row,
+//   value, cols, ignore_index).
 // Exit status 0; 2 on bad usage; 3 when a write landed outside the arrays; 4 when a segment
 // does not cover its range or its 16-byte vectors are misaligned.
 #include <stdint.h>
@@ -157,6 +158,7 @@ struct Arrays {
   const int64_t* labels;
   const unsigned char* mask;
   bool grad_teacher;
+  KdFaultRecord fault;  // kd_faults.h's record, written as the kernels write it
 };
 
 // kd_thread_fill by every thread: a masked (0) or NaN row's gradients over segment g.
@@ -200,6 +202,7 @@ void run_row(Arrays<T>& a, int64_t row, int cols, int nthreads, const RowContext
   if (!kd_row_begin<KIND>(merged, c.p, c.coefs, label, r)) {
     fill_lanes<T, VEC>(gs, gt, seg, nthreads, NAN);
     a.loss[row] = NAN;
+    kd_note_label_fault(&a.fault, a.labels, row, label, kIgnoreIndex, cols);
     return;
   }
   if constexpr (KIND == kMixture) {
@@ -280,7 +283,10 @@ void run_split(Arrays<T>& a, int64_t rows, int cols, int splits, int chunk,
       const int label = kd_label_of(a.labels, row, kIgnoreIndex, cols);
       if (!kd_row_begin<KIND>(st, c.p, c.coefs, label, r)) {
         fill_lanes<T, VEC>(gs, gt, seg, kSplitThreads, NAN);
-        if (split == 0) a.loss[row] = NAN;
+        if (split == 0) {
+          a.loss[row] = NAN;
+          kd_note_label_fault(&a.fault, a.labels, row, label, kIgnoreIndex, cols);
+        }
         continue;
       }
       if constexpr (KIND == kMixture) {
@@ -299,7 +305,8 @@ int run_kind(const Problem& pr, const KdPlan& plan, FILE* out) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t n = static_cast<size_t>(pr.rows * pr.cols);
   Arrays<T> a{Guarded<T>(n, pr.base), Guarded<T>(n, pr.base), Guarded<T>(n, pr.base),
-              Guarded<T>(n, pr.base), nullptr, nullptr, nullptr, (pr.flags & 4) != 0};
+              Guarded<T>(n, pr.base), nullptr, nullptr, nullptr, (pr.flags & 4) != 0,
+              KdFaultRecord{kFaultNone, 0, 0, 0, 0, 0}};
   for (size_t i = 0; i < n; ++i) {
     a.s.data[i] = KdElem<T>::from_float(pr.s[i]);
     a.t.data[i] = KdElem<T>::from_float(pr.t[i]);
@@ -363,6 +370,9 @@ int run_kind(const Problem& pr, const KdPlan& plan, FILE* out) {
   fwrite(g.data(), sizeof(float), n, out);
   for (size_t i = 0; i < n; ++i) g[i] = KdElem<T>::to_float(a.gt.data[i]);
   fwrite(g.data(), sizeof(float), n, out);
+  const int64_t fault[kFaultRecordFields] = {a.fault.code, a.fault.op, a.fault.row,
+                                             a.fault.value, a.fault.cols, a.fault.ignore_index};
+  fwrite(fault, sizeof(fault), 1, out);
   return 0;
 }
 

@@ -23,6 +23,7 @@ from kdplug.ops import kd_loss_reference
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cuda_lane_sim.cpp"
+FAULT_BYTES = 6 * 8  # the fault record at the end of the output (kd_faults.h)
 CSRC = HERE.parent / "csrc"
 CUDA_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
 
@@ -96,7 +97,8 @@ def run_lanes(exe, tmp_path, s, t, *, temperature, divergence="kl", beta=0.5, al
     assert done.returncode == 0, done.stderr
     raw = output.read_bytes()
     plan = tuple(np.frombuffer(raw[:40], dtype=np.int64).tolist())
-    values = torch.from_numpy(np.frombuffer(raw[40:], dtype=np.float32).copy()).double()
+    values = np.frombuffer(raw[40:-FAULT_BYTES], dtype=np.float32)
+    values = torch.from_numpy(values.copy()).double()
     n = rows * cols
     grad_s = values[rows:rows + n].view(rows, cols)
     grad_t = values[rows + n:].view(rows, cols)
@@ -219,12 +221,35 @@ def test_hard_labels_and_masked_rows(lane_sim, tmp_path, path, splits):
           alpha=0.6, labels=labels, mask=mask, rows=4)
 
 
-def test_out_of_range_label_makes_its_row_nan(lane_sim, tmp_path):
-    s, t = make_inputs(2, 40, torch.float32, 5, inf_stretches=False)
-    _, loss, gs, gt = run_lanes(lane_sim, tmp_path, s, t, temperature=1.0,
-                                labels=torch.tensor([3, 40]), alpha=0.5)
+def fault_record(tmp_path):
+    """The fault record of the last run_lanes: (code, op, row, value, cols, ignore_index)."""
+    raw = (tmp_path / "out.bin").read_bytes()
+    return tuple(np.frombuffer(raw[-FAULT_BYTES:], dtype=np.int64).tolist())
+
+
+# kd_faults.h: kFaultLabelOutOfRange, kFaultOpKdLoss
+LABEL_OUT_OF_RANGE, OP_KD_LOSS = 3, 0
+
+
+@pytest.mark.parametrize("path,splits", [("group", 0), ("block", 0), ("split", 3)])
+def test_out_of_range_label_makes_its_row_nan_and_is_recorded(lane_sim, tmp_path, path, splits):
+    s, t = make_inputs(3, 40, torch.float32, 5, inf_stretches=False)
+    _, loss, gs, gt = run_lanes(lane_sim, tmp_path, s, t, temperature=1.0, path=path,
+                                splits=splits, labels=torch.tensor([3, 40, -7]), alpha=0.5)
     assert torch.isfinite(loss[0]) and torch.isfinite(gs[0]).all() and torch.isfinite(gt[0]).all()
-    assert torch.isnan(loss[1]) and torch.isnan(gs[1]).all() and torch.isnan(gt[1]).all()
+    for row in (1, 2):
+        assert torch.isnan(loss[row]) and torch.isnan(gs[row]).all()
+        assert torch.isnan(gt[row]).all()
+    # one record, whole: the first fault wins (which row comes first is the layout's order)
+    assert fault_record(tmp_path) in {(LABEL_OUT_OF_RANGE, OP_KD_LOSS, 1, 40, 40, -100),
+                                      (LABEL_OUT_OF_RANGE, OP_KD_LOSS, 2, -7, 40, -100)}
+
+
+def test_good_labels_record_no_fault(lane_sim, tmp_path):
+    s, t = make_inputs(2, 40, torch.float32, 5, inf_stretches=False)
+    run_lanes(lane_sim, tmp_path, s, t, temperature=2.0, labels=torch.tensor([3, -100]),
+              alpha=0.5)
+    assert fault_record(tmp_path)[0] == 0
 
 
 if __name__ == "__main__":

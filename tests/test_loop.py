@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 
 import kdplug
 from kdplug.data import DataSplits
+from kdplug import _op_support
 from kdplug.engine import NonFiniteLossError, distill
-from kdplug.engine import phases
+from kdplug.engine import loop, phases
 from kdplug.engine.checkpoint import load_checkpoint
 from kdplug.engine.loop import Trainer
 from kdplug.engine.meters import EPOCH_PARTS
@@ -118,6 +119,29 @@ def test_eval_every_and_the_time_of_each_part_of_an_epoch(tmp_path, capsys):
     assert all("seconds of data" in line and "checkpoint" in line for line in epoch_lines)
 
 
+@pytest.mark.parametrize("deferring", [False, True])
+def test_a_phase_defers_the_ops_value_checks_where_told_and_checks_faults_at_reads(
+        tmp_path, monkeypatch, deferring):
+    # on the CPU the loop keeps the checks; told it runs on CUDA, it defers them for its steps
+    # and asks for the kernels' faults where it reads values (here: each epoch's end)
+    monkeypatch.setattr(loop, "defers_value_checks", lambda device: deferring)
+    checks = []
+    monkeypatch.setattr(loop, "check_kernel_faults", lambda wait=True: checks.append(wait))
+    ce = kdplug.create_loss("ce")
+    seen = []
+
+    def recording(student_out, teacher_out, batch):
+        seen.append(_op_support.checks_values(True, torch.device("cuda")))
+        return ce(student_out, teacher_out, batch)
+
+    recording.uses_teacher = False
+    distill(student=mlp(), data=data(32), loss=recording, epochs=2, batch_size=16, quiet=True,
+            out=str(tmp_path))
+    assert seen[-4:] == [not deferring] * 4  # 2 epochs of 2 steps (after a dry run's call)
+    assert checks == ([True] * 2 if deferring else [])
+    assert _op_support.checks_values(True, torch.device("cuda"))  # nothing deferred after it
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU test: "
                                                           "test_no_read_of_the_loss_per_step...)")
@@ -136,8 +160,10 @@ def test_training_steps_on_a_gpu_never_wait_for_it():
     trainer.train_step(batches[0])  # warm-up: lazy initialisations may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        losses = [trainer.train_step(batch) for batch in batches]
+    try:  # as a phase runs them on a GPU: the kernels, not reads, check labels and indices
+        with _op_support.deferred_value_checks():
+            losses = [trainer.train_step(batch) for batch in batches]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(float(loss)) for loss in losses)
+    loop.check_kernel_faults()

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   TORCH_CHECK(student_in.device().is_cpu(), "kd_loss_fwd (CPU): expected CPU tensors");
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const int64_t rows = student.size(0), cols = student.size(1);
-  check_labels_host("kd_loss_fwd", rows, cols, o);
+  check_labels_host(kFaultOpKdLoss, rows, cols, o);
   double kd_scale, ce_scale;
   term_scales_host(rows, o, &kd_scale, &ce_scale);
 

@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
   const at::Tensor student = student_in.contiguous();
   const at::Tensor indices = indices_in.contiguous(), values = values_in.contiguous();
   const int64_t rows = student.size(0), cols = student.size(1), k = indices.size(1);
-  check_labels_host("kd_loss_topk_fwd", rows, cols, o);
+  check_labels_host(kFaultOpKdLossTopk, rows, cols, o);
   // The kernel writes only inside the row, so an out-of-range index must never reach it; a
   // repeated one would count a class twice. Checked here, not only in Python, which skips its
   // checks under torch.compile.
@@ -197,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(
     const int64_t* row = idx + r * k;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t i = row[j];
-      TORCH_CHECK(i >= 0 && i < cols, "kd_loss_topk_fwd: index ", i, " of row ", r,
-                  " out of range [0, ", cols, ")");
-      TORCH_CHECK(!seen[i], "kd_loss_topk_fwd: index ", i, " repeats in row ", r,
-                  " (a row's top-k classes must be distinct)");
+      if (i < 0 || i >= cols) {
+        kernel_faults::raise({kFaultIndexOutOfRange, kFaultOpKdLossTopk, r, i, cols, 0});
+      }
+      if (seen[i]) kernel_faults::raise({kFaultIndexRepeats, kFaultOpKdLossTopk, r, i, cols, 0});
       seen[i] = 1;
     }
     for (int64_t j = 0; j < k; ++j) seen[row[j]] = 0;

@@ -17,6 +17,7 @@
 
 #include "kd_loss.h"
 #include "cuda/kd_loss_cuda.h"
+#include "cuda/kernel_faults_cuda.h"
 
 namespace kdplug {
 namespace {
@@ -82,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   TORCH_CHECK(cols <= kd_cuda::kMaxCols, "kd_loss_fwd (CUDA): at most 2^30 classes per row, got ",
               cols);
 
-  // Labels are not range-checked here (that would need a device sync): kdplug.ops checks them in
-  // eager mode, and the kernel makes a row whose label is out of range NaN, reading nothing
-  // outside the row.
+  // Labels are not range-checked here (that would need a device sync): the kernel makes a row
+  // whose label is out of range NaN, reading nothing outside the row, and records the fault,
+  // which a later call raises (kernel_faults_cuda.h).
   at::Tensor loss_rows = at::empty({rows}, student.options().dtype(at::kFloat));
   at::Tensor grad_student = student_grad ? at::empty_like(student, at::MemoryFormat::Contiguous)
                                          : no_grad_output(student);
@@ -125,8 +126,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   l.alpha = o.with_ce() ? alpha : 1.0;
   l.divergence = static_cast<int>(divergence);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int device = student.get_device();
+  l.fault = kernel_faults::record_for_launch(device, stream);
   const char* err = kd_cuda::launch_kd_loss_fwd(plan, dtype, l, stream);
   TORCH_CHECK(err == nullptr, "kd_loss_fwd (CUDA): kernel launch failed: ", err);
+  kernel_faults::after_launch(device, stream);
   return {reduce_loss_rows(loss_rows, reduction), grad_student, grad_teacher};
 }
 

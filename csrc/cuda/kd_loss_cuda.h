@@ -8,6 +8,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kd_faults.h"
+
 namespace kdplug {
 namespace kd_cuda {
 
@@ -114,12 +116,13 @@ struct KdLaunch {
   int64_t rows, cols, ignore_index;
   double temperature, beta, alpha;
   int divergence;             // kd_math.h's code
+  KdFaultRecord* fault;       // device record of the first bad label (kd_faults.h), or nullptr
 };
 
 // Launches kd_loss_fwd on `stream` (asynchronous): per row the loss of kd_math.h,
 // alpha*kd_scale*T^2*D + (1-alpha)*ce_scale*CE, and its gradients, written in the same pass.
 // A label outside [0, cols) that is not ignore_index makes its row NaN (never an out-of-bounds
-// read). Returns nullptr on success, else an error message (static).
+// read) and is recorded in *fault. Returns nullptr on success, else an error message (static).
 const char* launch_kd_loss_fwd(const KdPlan& plan, KdDType dtype, const KdLaunch& a,
                                cudaStream_t stream);
 

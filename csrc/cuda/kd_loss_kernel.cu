@@ -48,6 +48,7 @@ struct KdArgs {
   int cols;
   double temperature, alpha;
   KdParams p;
+  KdFaultRecord* fault;   // where the first bad label is recorded (or nullptr)
 };
 
 // The launch's coefficients (kd_math.h's term_coefs, from the device scales).
@@ -193,7 +194,10 @@ __global__ void __launch_bounds__(kGroupBlockThreads, kGroupMinBlocksPerSm)
     const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
     if (!kd_row_begin<KIND>(st, a.p, coefs, label, r)) {  // the same for the whole group
       kd_thread_fill<T, VEC>(gs, gt, seg, lane, G, NAN);
-      if (lane == 0) a.loss_rows[row] = NAN;
+      if (lane == 0) {
+        a.loss_rows[row] = NAN;
+        kd_note_label_fault(a.fault, a.labels, row, label, a.ignore_index, a.cols);
+      }
       continue;
     }
     if constexpr (KIND == kMixture) {
@@ -234,7 +238,10 @@ __global__ void __launch_bounds__(THREADS) kd_block_kernel(const KdArgs<T> a) {
     const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
     if (!kd_row_begin<KIND>(st, a.p, coefs, label, r)) {  // the same for the whole block
       kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, THREADS, NAN);
-      if (threadIdx.x == 0) a.loss_rows[row] = NAN;
+      if (threadIdx.x == 0) {
+        a.loss_rows[row] = NAN;
+        kd_note_label_fault(a.fault, a.labels, row, label, a.ignore_index, a.cols);
+      }
       continue;
     }
     if constexpr (KIND == kMixture) {
@@ -320,7 +327,10 @@ __global__ void __launch_bounds__(kSplitThreads)
   const int label = kd_label_of(a.labels, row, a.ignore_index, a.cols);
   if (!kd_row_begin<KIND>(st, a.p, kd_coefs(a), label, r)) {
     kd_thread_fill<T, VEC>(gs, gt, seg, threadIdx.x, kSplitThreads, NAN);
-    if (split == 0 && threadIdx.x == 0) a.loss_rows[row] = NAN;
+    if (split == 0 && threadIdx.x == 0) {
+      a.loss_rows[row] = NAN;
+      kd_note_label_fault(a.fault, a.labels, row, label, a.ignore_index, a.cols);
+    }
     return;
   }
   if constexpr (KIND == kMixture) {
@@ -441,6 +451,7 @@ const char* kd_launch_typed(const KdPlan& plan, const KdLaunch& l, cudaStream_t 
   a.p.beta = static_cast<float>(l.beta);
   a.p.divergence = l.divergence;
   a.p.ce_separate = l.labels != nullptr && l.temperature != 1.0;
+  a.fault = l.fault;
 
   // 16-byte vectors need the four arrays to share their address modulo 16 (then the same scalar
   // head aligns them all, row after row). Only that layout is compiled: the glue copies an input

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kd_faults.h"
 #include "kd_math.h"
 
 #define KDC_HD __host__ __device__ __forceinline__
@@ -140,13 +141,21 @@ struct KdRow {
 };
 
 // A row's label: its column, -1 when it has none (or it is ignore_index), -2 when it is out of
-// range (the row is then NaN: kdplug.ops rejects such labels in eager mode, and the kernel must
-// never read outside the row).
+// range (the row is then NaN and the fault recorded: the kernel must never read outside the row).
 KDC_HD int kd_label_of(const int64_t* labels, int64_t row, int64_t ignore_index, int cols) {
   if (labels == nullptr) return -1;
   const int64_t y = labels[row];
   if (y == ignore_index) return -1;
   return y >= 0 && y < cols ? static_cast<int>(y) : -2;
+}
+
+// Records a row's out-of-range label (kd_label_of's -2) as a fault; one thread per row calls it.
+KDC_HD void kd_note_label_fault(KdFaultRecord* fault, const int64_t* labels, int64_t row,
+                                int label, int64_t ignore_index, int cols) {
+  if (label == -2) {
+    kd_record_fault(fault, kFaultLabelOutOfRange, kFaultOpKdLoss, row, labels[row], cols,
+                    ignore_index);
+  }
 }
 
 // The row's KdRow from its merged statistics; false for a row that is NaN.

@@ -17,6 +17,7 @@
 
 #include "kd_loss.h"
 #include "cuda/kd_topk_cuda.h"
+#include "cuda/kernel_faults_cuda.h"
 
 namespace kdplug {
 namespace {
@@ -70,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(
               "KDPLUG_CUDA_TOPK_BITMAP=shared: the shared bitmap holds at most ",
               kd_cuda::kTopkMaxSharedCols, " classes, got ", cols);
 
-  // Indices and labels are not range-checked here (that would need a device sync): kdplug.ops
-  // checks them in eager mode, and the kernel turns a row with an index outside [0, C), a
-  // repeated index or a label outside [0, C) into NaN without touching memory outside the row.
+  // Indices and labels are not range-checked here (that would need a device sync): the kernel
+  // turns a row with an index outside [0, C), a repeated index or a label outside [0, C) into
+  // NaN without touching memory outside the row, and records the fault, which a later call
+  // raises (kernel_faults_cuda.h).
   at::Tensor grad = student_grad ? at::empty_like(student, at::MemoryFormat::Contiguous)
                                  : no_grad_output(student);
   at::Tensor loss_rows = at::empty({rows}, student.options().dtype(at::kFloat));
@@ -107,8 +109,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(
   l.divergence = static_cast<int>(divergence);
   l.rest_bucket = rest_bucket;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int device = student.get_device();
+  l.fault = kernel_faults::record_for_launch(device, stream);
   const char* err = kd_cuda::launch_kd_loss_topk_fwd(plan, dtype, l, stream);
   TORCH_CHECK(err == nullptr, "kd_loss_topk_fwd (CUDA): kernel launch failed: ", err);
+  kernel_faults::after_launch(device, stream);
   return {reduce_loss_rows(loss_rows, reduction), grad};
 }
 

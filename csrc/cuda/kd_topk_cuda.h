@@ -76,11 +76,13 @@ struct KdTopkLaunch {
   double temperature, beta, alpha;
   int divergence;           // kd_math.h's code
   bool rest_bucket;
+  KdFaultRecord* fault;     // device record of the first bad index or label, or nullptr
 };
 
 // Launches kd_loss_topk_fwd on `stream` (asynchronous). A row whose indices leave [0, cols) or
 // repeat a class, or whose hard label is outside [0, cols) and not ignore_index, gets a NaN loss
-// and NaN gradients (never an out-of-bounds access). Returns nullptr on success, else an error
+// and NaN gradients (never an out-of-bounds access), and the first such fault is recorded in
+// *fault (kd_faults.h). Returns nullptr on success, else an error
 // message (static).
 const char* launch_kd_loss_topk_fwd(const KdTopkPlan& plan, KdDType dtype, const KdTopkLaunch& l,
                                     cudaStream_t stream);

@@ -7,7 +7,8 @@
 // One block per row (grid-stride over rows), 256 threads (C <= 16384) or 512. Per row:
 //   1. clear the bitmap; thread 0: topk_teacher (k-sized, sequential); all: max of s (NaN wins)
 //   2. set the bits of the k classes (atomicOr; an index outside [0, C) or a repeated one marks
-//      the row bad, as does a hard label outside [0, C)); __syncthreads_or
+//      the row bad, as does a hard label outside [0, C), and is recorded in the fault record of
+//      kd_faults.h); __syncthreads_or
 //   3. bad row, or max_x or the teacher's max not finite: loss NaN, gradients NaN
 //   4. thread 0: topk_inside_sum; all: sum exp(x - max_x) over the classes whose bit is clear,
 //      block sum (and, for a hard-label term at T != 1, the sum of exp(s - max s)) -> thread 0:
@@ -101,6 +102,7 @@ struct KdTopkArgs {
   float beta;
   bool bucket;
   bool ce_separate;        // a hard-label term at T != 1: the student's own softmax at T = 1
+  KdFaultRecord* fault;    // where the first bad index or label is recorded (or nullptr)
 };
 
 // kd_math.h's k-sized parts with the divergence picked at run time (thread 0 runs them).
@@ -210,20 +212,30 @@ __global__ void __launch_bounds__(THREADS) kd_topk_kernel(const KdTopkArgs<T> a)
       const int64_t i = idx[j];
       if (i < 0 || i >= cols) {
         bad = true;
+        kd_record_fault(a.fault, kFaultIndexOutOfRange, kFaultOpKdLossTopk, row, i, cols,
+                        a.ignore_index);
       } else {
         const uint32_t bit = 1u << (static_cast<int>(i) & 31);
-        if (atomicOr(&bits[static_cast<int>(i) >> 5], bit) & bit) bad = true;  // a repeat
+        if (atomicOr(&bits[static_cast<int>(i) >> 5], bit) & bit) {  // a repeat
+          bad = true;
+          kd_record_fault(a.fault, kFaultIndexRepeats, kFaultOpKdLossTopk, row, i, cols,
+                          a.ignore_index);
+        }
       }
     }
     int label = -1;  // the hard label's column; -2 when out of range
     if (a.labels != nullptr && a.labels[row] != a.ignore_index) {
       label = a.labels[row] >= 0 && a.labels[row] < cols ? static_cast<int>(a.labels[row]) : -2;
+      if (label == -2 && tid == 0) {
+        kd_record_fault(a.fault, kFaultLabelOutOfRange, kFaultOpKdLossTopk, row, a.labels[row],
+                        cols, a.ignore_index);
+      }
     }
     bad = __syncthreads_or(bad || label == -2) != 0;  // also: every bit is set before any is read
 
     // 3. rows that are NaN (as PyTorch's: a NaN or infinite student max or teacher max), or whose
-    //    indices or label are invalid (kdplug.ops rejects those in eager mode; here they must
-    //    stay safe).
+    //    indices or label are invalid (recorded above, raised later by the host: the row must
+    //    stay safe meanwhile).
     const TopkTeacherT<float> te = te_sh;
     const float max_x = m * inv_t;  // max(s) * (1/T), as the CPU kernel (= max of s * (1/T))
     if (bad || !isfinite(max_x) || !isfinite(te.max_v)) {
@@ -350,6 +362,7 @@ const char* kd_topk_launch_typed(const KdTopkPlan& plan, const KdTopkLaunch& l,
   a.beta = static_cast<float>(l.beta);
   a.bucket = l.rest_bucket;
   a.ce_separate = l.labels != nullptr && l.temperature != 1.0;
+  a.fault = l.fault;
   if (plan.threads == kTopkThreadsSmall) {
     return kd_topk_launch_threads<T, kTopkThreadsSmall>(plan, a, stream);
   }

@@ -22,7 +22,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .._op_support import backward_with_unit_gradient
+from .._op_support import (backward_with_unit_gradient, check_kernel_faults,
+                           deferred_value_checks)
 from ..cache.targets import cached_teacher_output
 from ..errors import KdplugError
 from ..kd_augment import augment_batch
@@ -39,7 +40,7 @@ from .strategy import Strategy
 
 __all__ = ["Trainer", "PhaseRun", "NonFiniteLossError", "make_optimizer", "make_schedule",
            "autocast_factory", "announce_epoch", "optimizer_steps_per_epoch",
-           "accumulation_group"]
+           "accumulation_group", "defers_value_checks"]
 
 #: how often (seconds) the progress bar shows the running loss: each time is a read of it
 PROGRESS_SECONDS = 0.5
@@ -133,6 +134,15 @@ def accumulation_group(step: int, batches: int, accum: int) -> range:
     batch ``step``; each weighs 1/len of it in the summed gradient."""
     start = step - step % accum
     return range(start, min(start + accum, batches))
+
+
+def defers_value_checks(device: torch.device) -> bool:
+    """Whether a phase runs the ops without the value checks that read their inputs (labels and
+    top-k indices in range, indices distinct; kdplug._op_support.deferred_value_checks): on CUDA
+    only, where each read would make every step wait for the GPU. The kernels record such faults
+    instead, and the phase raises them wherever it reads values anyway (progress, step hooks,
+    checkpoints, the epoch's end). On the CPU the kernels raise at once and reads cost nothing."""
+    return device.type == "cuda"
 
 
 def announce_epoch(loss: Any, epoch: int) -> None:
@@ -409,6 +419,9 @@ class PhaseRun:
         if self._stop_signal() is not None:  # it came before this phase began (or resumed)
             trainer.release()
             raise self._interrupted(start_epoch, start_step)
+        deferral = contextlib.ExitStack()
+        if defers_value_checks(self.env.device):
+            deferral.enter_context(deferred_value_checks())
         try:
             for epoch in range(start_epoch, self.epochs):
                 skip = start_step if epoch == start_epoch else 0
@@ -454,6 +467,7 @@ class PhaseRun:
                         saved = True
                         clock.tick("checkpoint")
                     if step_hooks:  # a callback that wants each step's loss reads it
+                        self._raise_kernel_faults()
                         value = trainer.loss_value(loss)
                         for hook in step_hooks:
                             hook(phase=self.phase, epoch=epoch + 1, step=step, loss=value)
@@ -492,6 +506,7 @@ class PhaseRun:
                 if epoch + 1 < self.epochs and self._stop_signal() is not None:
                     raise self._interrupted(epoch + 1, 0)
         finally:
+            deferral.close()
             trainer.release()
         return self.history
 
@@ -523,6 +538,7 @@ class PhaseRun:
         """The epoch's summed loss so far (a read; under torchrun a collective); a non-finite
         sum stops the run here, before anything of those steps is checkpointed."""
         first, last = running.read_at + 1, running.steps
+        self._raise_kernel_faults()
         total = running.global_sum(self.env)
         if not math.isfinite(total):
             raise NonFiniteLossError(
@@ -532,11 +548,18 @@ class PhaseRun:
                 "none.", self.phase, epoch + 1, last)
         return total
 
+    def _raise_kernel_faults(self) -> None:
+        """Where the phase reads values from the GPU anyway: the first bad label or top-k index
+        a CUDA kernel recorded since the last read (while the ops' own checks are deferred)."""
+        if defers_value_checks(self.env.device):
+            check_kernel_faults(wait=True)
+
     def _show_progress(self, bar: Any, running: RunningLoss, samples: int,
                        started: float) -> None:
         now = time.perf_counter()
         if now - self._shown >= PROGRESS_SECONDS:  # a read of the loss: not every step
             self._shown = now
+            self._raise_kernel_faults()
             bar.set_postfix(loss=f"{running.local_mean():.4f}",
                             samples_s=f"{samples / max(now - started, 1e-9):.0f}", refresh=False)
         bar.update(1)
