@@ -111,8 +111,6 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError(f"{API}: the teacher's rows {tuple(teacher_rows)} differ from the "
                          f"student's {tuple(rows_shape)}")
     _check_vocabulary(vocab, teacher_vocab)
-    if forms[2] and support.is_plain_eager(teacher_topk[0]):  # distinct classes of the student's
-        check_topk_values(API, *teacher_topk, vocab, mask, rest)
     if forms[2] and divergence == "reverse_kl" and rest == "renormalize":
         raise ValueError(f"{API}: divergence='reverse_kl' against a renormalized top-k teacher "
                          f"is infinite (the student has mass outside the teacher's k classes); "
@@ -125,7 +123,7 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
     support.check_choice(API, "rest", rest, REST_MODES)
     support.check_choice(API, "backend", backend, support.BACKENDS)
     alpha = support.check_labels(API, labels, alpha, rows_shape, student_hidden.device, vocab,
-                                 ignore_index, mask)
+                                 ignore_index, mask, values=False)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"{API}: chunk_size must be a positive int (rows per chunk) or None, "
@@ -359,6 +357,12 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     op = DENSE_OP if teacher_topk is None else TOPK_OP
     supported = not (compute_dtype == torch.float64 and (device_type != "cpu" or teacher_topk))
     native = support.choose_backend(API, op, backend, device_type, supported) == "native"
+    # the values (reads, so device syncs): unless the engine defers them to the CUDA kernels
+    if (support.is_plain_eager(student_hidden)
+            and support.checks_values(native, student_hidden.device)):
+        support.check_label_values(API, labels, alpha, vocab, ignore_index, mask)
+        if teacher_topk is not None:  # distinct classes of the student's vocabulary
+            check_topk_values(API, *teacher_topk, vocab, mask, rest)
     if teacher_topk is not None and compute_dtype == torch.float64:
         raise TypeError(f"{API}: a top-k teacher takes float32, float16 or bfloat16 student "
                         f"weights and hidden states, got float64")

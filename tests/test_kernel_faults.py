@@ -235,3 +235,29 @@ def test_cpu_twin_fault_under_torch_compile_and_eager_default_checks():
     with pytest.raises(ValueError, match="distinct"):
         kd_loss_topk(student, indices, logprobs, 2.0, backend="native")
 
+
+
+@pytest.mark.parametrize("case", ["repeat", "out_of_range", "label"])
+def test_the_fused_linear_head_leaves_deferred_value_checks_to_the_kernel(monkeypatch, case):
+    """fused_linear_kd reads label and top-k values only where checks_values says so (on CUDA
+    under the engine's deferral it must not: each read is a device sync per step); then the
+    kernel itself rejects the bad row, with its own message."""
+    from kdplug.ops import fused_linear_kd
+
+    student, indices, logprobs, labels, record = bad_topk(case)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(student.shape[0], 6, generator=g)
+    weight = torch.randn(student.shape[1], 6, generator=g)
+    kw = dict(teacher_topk=(indices, logprobs), temperature=2.0, backend="native")
+    if labels is not None:
+        kw.update(labels=labels, alpha=0.5)
+    with pytest.raises(ValueError):  # checked in Python, as kd_loss_topk does
+        fused_linear_kd(hidden, weight, **kw)
+    asked = []
+    monkeypatch.setattr(support, "checks_values",
+                        lambda native, device: asked.append((native, device.type)) and False)
+    expected = cpu_kernel_error(lambda: torch.ops.kdplug.raise_kernel_fault(record))
+    with pytest.raises(RuntimeError) as info:  # no Python read: the kernel raises
+        fused_linear_kd(hidden, weight, **kw)
+    assert asked == [(True, "cpu")]
+    assert str(info.value).splitlines()[0] == expected.splitlines()[0]
