@@ -56,6 +56,17 @@ def check_inputs(api, student, indices, logprobs, temperature, divergence, beta,
     return temperature, beta, alpha
 
 
+def check_data(api, native, student, labels, alpha, classes, ignore_index, mask, topk, rest):
+    """The checks that read the labels' and the top-k pair's values (device syncs on a GPU), once
+    the backend is known: skipped where support.checks_values defers them to the CUDA kernel.
+    ``topk``: (indices, logprobs), or None for a teacher given otherwise."""
+    if not (support.is_plain_eager(student) and support.checks_values(native, student.device)):
+        return
+    support.check_label_values(api, labels, alpha, classes, ignore_index, mask)
+    if topk is not None and support.is_plain_eager(topk[0]):
+        _check_values(api, *topk, classes, mask, rest)
+
+
 def _check_values(api, indices, logprobs, classes, mask, rest):
     """Data checks (eager only: each reads the tensors, a device sync on a GPU)."""
     if mask is not None:
@@ -161,11 +172,8 @@ def _run(api, student, indices, logprobs, temperature, divergence, beta, labels,
     device_type = student.device.type
     supported = student.dtype != torch.float64
     native = support.choose_backend(api, OP, backend, device_type, supported) == "native"
-    if support.is_plain_eager(student) and support.checks_values(native, student.device):
-        classes = student.shape[-1]
-        support.check_label_values(api, labels, alpha, classes, ignore_index, mask)
-        if support.is_plain_eager(indices):
-            _check_values(api, indices, logprobs, classes, mask, rest)
+    check_data(api, native, student, labels, alpha, student.shape[-1], ignore_index, mask,
+               (indices, logprobs), rest)
     path = native_path if native else torch_path
     return path(student, indices, logprobs, temperature, divergence, beta, labels, alpha,
                 ignore_index, reduction, mask, rest)

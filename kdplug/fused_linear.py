@@ -22,8 +22,7 @@ from ._dense_op import OP as DENSE_OP
 from ._dense_op import kd_loss
 from ._divergences import hard_label_rows
 from ._op_support import DIVERGENCES
-from ._topk_op import INDEX_DTYPES, OP as TOPK_OP, REST_MODES, kd_loss_topk
-from ._topk_op import _check_values as check_topk_values
+from ._topk_op import INDEX_DTYPES, OP as TOPK_OP, REST_MODES, check_data, kd_loss_topk
 
 API = "fused_linear_kd"
 REDUCTIONS = ("batchmean", "sum")
@@ -357,12 +356,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     op = DENSE_OP if teacher_topk is None else TOPK_OP
     supported = not (compute_dtype == torch.float64 and (device_type != "cpu" or teacher_topk))
     native = support.choose_backend(API, op, backend, device_type, supported) == "native"
-    # the values (reads, so device syncs): unless the engine defers them to the CUDA kernels
-    if (support.is_plain_eager(student_hidden)
-            and support.checks_values(native, student_hidden.device)):
-        support.check_label_values(API, labels, alpha, vocab, ignore_index, mask)
-        if teacher_topk is not None:  # distinct classes of the student's vocabulary
-            check_topk_values(API, *teacher_topk, vocab, mask, rest)
+    check_data(API, native, student_hidden, labels, alpha, vocab, ignore_index, mask,
+               teacher_topk, rest)
     if teacher_topk is not None and compute_dtype == torch.float64:
         raise TypeError(f"{API}: a top-k teacher takes float32, float16 or bfloat16 student "
                         f"weights and hidden states, got float64")
