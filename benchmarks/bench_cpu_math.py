@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 from torch.utils.cpp_extension import load_inline
 
 from kdplug import _build_flags
-from kdplug.ops import kd_loss
+
+import bench_kd_loss  # this folder is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,25 +81,12 @@ def compile_math(capability: str):
                        extra_include_paths=[os.path.join(ROOT, "csrc")], verbose=False)
 
 
-def op_ms(n, c, dtype, divergences, repeats):
-    """Median CPU-thread ms of kd_loss forward+backward per divergence, interleaved."""
-    g = torch.Generator().manual_seed(0)
-    s = (torch.randn(n, c, generator=g) * 3).to(dtype).requires_grad_()
-    t = (torch.randn(n, c, generator=g) * 3).to(dtype)
-
-    def step(d):
-        s.grad = None
-        kd_loss(s, t, 2.0, divergence=d, backend="native").backward()
-
-    for d in divergences:
-        step(d)
-    times = {d: [] for d in divergences}
-    for _ in range(repeats):
-        for d in divergences:
-            t0 = time.thread_time()
-            step(d)
-            times[d].append(time.thread_time() - t0)
-    return {d: statistics.median(v) * 1e3 for d, v in times.items()}
+def op_ms(n, c, dtype, repeats):
+    """Median CPU-thread ms of kd_loss forward+backward per divergence: bench_kd_loss's own
+    interleaved timing, on the thread's clock (its --cpu-time)."""
+    bench_kd_loss.clock = time.thread_time
+    ms = bench_kd_loss.time_divergences(n, c, dtype, torch.device("cpu"), repeats)
+    return {d: ms[d] for d in COUNTS}
 
 
 # exps, logs and divisions per element of each divergence's sweeps (csrc/cpu/kd_dense_cpu.cpp with
@@ -123,7 +110,7 @@ def main():
     print(f"one core, {args.capability}: elements/s (10^9) of a copy {loop / 1e9:.2f}, "
           f"fast_exp {exp / 1e9:.2f}, fast_log {log / 1e9:.2f}, division {plain_div / 1e9:.2f}, "
           f"the skews' division (div_mixture) {div / 1e9:.2f}")
-    ms = op_ms(n, c, getattr(torch, args.dtype), list(COUNTS), args.repeats)
+    ms = op_ms(n, c, getattr(torch, args.dtype), args.repeats)
     print(f"\nkd_loss forward+backward, {n}x{c} {args.dtype}, one thread (CPU ms, medians):")
     print(f"{'divergence':16s} {'ms':>8s} {'/ kl':>6s} {'elem/s':>9s} {'exp+log+div ms':>15s} "
           f"{'share':>6s}")
