@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _mixed_gemm as mixed_gemm
 from . import _op_support as support
 from ._dense_op import OP as DENSE_OP
 from ._dense_op import kd_loss
@@ -253,7 +254,9 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_weight is not None:
                 if grad_weight.dtype == compute_dtype:
                     grad_weight.addmm_(grad.t(), h)
-                else:  # bf16/fp16 product into one reused buffer, summed in float32
+                elif not mixed_gemm.addmm_t_(grad_weight, grad, h):
+                    # no bf16/fp16-in, float32-out GEMM here: the product into one reused
+                    # buffer, summed in float32
                     if head_buffer is None:
                         head_buffer = torch.empty_like(w)
                     grad_weight.add_(torch.mm(grad.t(), h, out=head_buffer))
