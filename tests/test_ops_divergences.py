@@ -427,3 +427,26 @@ def test_misaligned_rows_give_what_aligned_copies_give(classes, dtype):
         results.append((loss, *torch.autograd.grad(loss, (student, teacher))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,classes", [(3, 1000), (3, 9000), (1, 9000)],
+                         ids=["one-stretch", "stretches", "split-row"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_nan_anywhere_in_a_long_row_makes_that_row_nan(device, backend, rows, classes, side):
+    # The CPU kernel's maxima may pass over a NaN; the sums after them must still catch it, at
+    # the first class, the middle, the last vector's tail or the last class.
+    for div in NAMES:
+        for at in (0, classes // 2, classes - 5, classes - 1):
+            g = torch.Generator().manual_seed(at)
+            s = torch.randn(rows, classes, generator=g).to(device).requires_grad_()
+            t = torch.randn(rows, classes, generator=g).to(device)
+            (s if side == "student" else t).data[0, at] = float("nan")
+            loss = kd_loss(s, t, 2.0, divergence=div, reduction="none", backend=backend)
+            loss.sum().backward()
+            assert torch.isnan(loss[0]), (div, at)
+            # (the PyTorch path's autograd drops a NaN teacher class at its torch.where guards)
+            if side == "student" or backend == "native":
+                assert torch.isnan(s.grad[0]).any(), (div, at)
+            assert torch.isfinite(loss[1:]).all() and torch.isfinite(s.grad[1:]).all(), (div, at)

@@ -150,23 +150,63 @@ inline void store_vec(T* p, const Vec& v) {
 
 // n <= kVec elements as a vector, in float whatever the storage type: a row's tail is padded
 // with `fill` (-inf for logits: such a lane weighs 0 in every sum and every divergence term).
+// A row's last, partial vector. With AVX-512 by masked loads and stores (lanes past the row never
+// touch memory): a row of 1000 classes spent a quarter of its time in the scalar fallback below,
+// whose lane-by-lane stores then stall the vector load that reads them back.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+inline Vec load_tail(const float* p, int64_t n, float fill) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p);
+}
 template <typename T>
-inline Vec load_n(const T* p, int64_t n, float fill) {
-  if (n == kVec) return load_vec(p);
+inline Vec load_tail(const T* p, int64_t n, float fill) {
+  static_assert(sizeof(T) == 2, "16-bit floats");
+  const __mmask16 m = tail_mask(n);
+  const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+  Vec out;  // the lanes that were loaded, converted as load_vec converts them
+  at::vec::load_to_float(reinterpret_cast<const T*>(&bits), out);
+  return _mm512_mask_blend_ps(m, _mm512_set1_ps(fill), out);
+}
+
+inline void store_tail(float* p, const Vec& v, int64_t n) {
+  _mm512_mask_storeu_ps(p, tail_mask(n), v);
+}
+template <typename T>
+inline void store_tail(T* p, const Vec& v, int64_t n) {
+  static_assert(sizeof(T) == 2, "16-bit floats");
+  alignas(64) T lanes[2 * kVec];
+  at::vec::convert_from_float<T>(v, v).store(lanes, 2 * kVec);
+  _mm256_mask_storeu_epi16(p, tail_mask(n), _mm256_load_si256(reinterpret_cast<__m256i*>(lanes)));
+}
+#else
+template <typename T>
+inline Vec load_tail(const T* p, int64_t n, float fill) {
   float lanes[kVec];
   for (int64_t i = 0; i < kVec; ++i) lanes[i] = i < n ? static_cast<float>(p[i]) : fill;
   return Vec::loadu(lanes);
 }
 
 template <typename T>
-inline void store_n(T* p, const Vec& v, int64_t n) {
-  if (n == kVec) {
-    store_vec(p, v);
-    return;
-  }
+inline void store_tail(T* p, const Vec& v, int64_t n) {
   float lanes[kVec];
   v.store(lanes);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(lanes[i]);
+}
+#endif
+
+template <typename T>
+inline Vec load_n(const T* p, int64_t n, float fill) {
+  return n == kVec ? load_vec(p) : load_tail(p, n, fill);
+}
+
+template <typename T>
+inline void store_n(T* p, const Vec& v, int64_t n) {
+  if (n == kVec) {
+    store_vec(p, v);
+  } else {
+    store_tail(p, v, n);
+  }
 }
 
 inline float hmax_nan(const Vec& v) {

@@ -46,13 +46,35 @@ struct Kept {
   float* pg;  // p dphi/dp, only with a teacher gradient
 };
 
+// The largest of a vector and the maximum so far. Not NaN-propagating (one instruction instead
+// of four): a NaN the maxima miss still reaches the sums of exponentials below (the polynomial
+// exp carries NaN), so the row's statistics are NaN and the row is NaN all the same.
+inline Vec max_so_far(const Vec& so_far, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(so_far, v);
+#else
+  return at::vec::maximum(so_far, v);
+#endif
+}
+
+// acc + w * d where w != 0, acc where w == 0 (a weight of 0 from a logit of -inf meets an
+// infinite d: 0 * inf would be NaN).
+inline Vec add_weighted(const Vec& acc, const Vec& w, const Vec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 weighted = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm512_mask3_fmadd_ps(w, d, acc, weighted);
+#else
+  return acc + ((w != Vec(0.f)) & (w * d));
+#endif
+}
+
 template <int KIND, typename T>
 StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, const Kept& keep) {
   Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t m = std::min(kVec, n - i);
-    vmax_s = at::vec::maximum(vmax_s, load_n(s + i, m, -INFINITY));
-    vmax_t = at::vec::maximum(vmax_t, load_n(t + i, m, -INFINITY));
+    vmax_s = max_so_far(vmax_s, load_n(s + i, m, -INFINITY));
+    vmax_t = max_so_far(vmax_t, load_n(t + i, m, -INFINITY));
   }
   const float max_s = hmax_nan(vmax_s), max_t = hmax_nan(vmax_t);
   StretchStats out;
@@ -66,7 +88,9 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
   }
   // A side that is all -inf in this stretch has sums 0 (exp against 0 gives exactly that); the
   // other side's sums are still needed when the stretch is one part of a longer row.
-  const Vec vinv(c.inv_t), zero(0.f);
+  const Vec vinv(c.inv_t);
+  // in registers: the stores below could alias them for all the compiler knows
+  const bool keep_exps = keep.ex != nullptr, ce_separate = c.ce_separate;
   const Vec ref_x(out.st.max_x == -INFINITY ? 0.f : out.st.max_x);
   const Vec ref_y(out.st.max_y == -INFINITY ? 0.f : out.st.max_y);
   const Vec ref_s(max_s == -INFINITY ? 0.f : max_s);
@@ -84,14 +108,13 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
     const Vec ey = fast_exp(y - ref_y);
     sum_x = sum_x + ex;
     sum_y = sum_y + ey;
-    // a weight of 0 (a logit of -inf) contributes 0, not 0 * inf
-    if constexpr (KIND == kKL) cross = cross + ((ey != zero) & (ey * (y - x)));
-    if constexpr (KIND == kReverseKL) cross = cross + ((ex != zero) & (ex * (x - y)));
-    if (keep.ex) {
+    if constexpr (KIND == kKL) cross = add_weighted(cross, ey, y - x);
+    if constexpr (KIND == kReverseKL) cross = add_weighted(cross, ex, x - y);
+    if (keep_exps) {
       ex.store(keep.ex + i);
       ey.store(keep.ey + i);
     }
-    if (c.ce_separate) {
+    if (ce_separate) {
       const Vec es = fast_exp(sv - ref_s);
       sum_s = sum_s + es;
       if (keep.es) es.store(keep.es + i);
