@@ -148,8 +148,6 @@ inline void store_vec(T* p, const Vec& v) {
   at::vec::convert_from_float<T>(v, v).store(p, kVec);
 }
 
-// n <= kVec elements as a vector, in float whatever the storage type: a row's tail is padded
-// with `fill` (-inf for logits: such a lane weighs 0 in every sum and every divergence term).
 // A row's last, partial vector. With AVX-512 by masked loads and stores (lanes past the row never
 // touch memory): a row of 1000 classes spent a quarter of its time in the scalar fallback below,
 // whose lane-by-lane stores then stall the vector load that reads them back.
@@ -195,6 +193,8 @@ inline void store_tail(T* p, const Vec& v, int64_t n) {
 }
 #endif
 
+// n <= kVec elements as a vector, in float whatever the storage type: a row's tail is padded
+// with `fill` (-inf for logits: such a lane weighs 0 in every sum and every divergence term).
 template <typename T>
 inline Vec load_n(const T* p, int64_t n, float fill) {
   return n == kVec ? load_vec(p) : load_tail(p, n, fill);
