@@ -62,4 +62,20 @@ def test_kd_loss_matches_the_float64_reference(backend, case):
     low = s.dtype in LOW_PRECISION
     assert_close_scaled(loss, ref_loss, 1e-4 if low else 2e-5, floor)
     grad_tol = LOW_PRECISION.get(s.dtype, 2e-4 if temperature >= 100 else 2e-5)
+    if name == "tvd":  # compared away from its kink, where float32 cannot tell p from q
+        near_tie = tvd_near_tie(s, t, temperature)
+        grad, ref_grad = grad[~near_tie], ref_grad[~near_tie]
     assert_close_scaled(grad, ref_grad, grad_tol, floor / temperature)
+
+
+def tvd_near_tie(s, t, temperature):
+    """Classes where |p − q| is within a few times float32's error on p and q (log-probabilities
+    good to about 4e-7·(log C + max|x|/T), as float32_floor says). TVD's gradient holds
+    sign(p − q) per class, so there rounding alone may flip it: at T = 100 with bf16 logits (a
+    student logit equal to the teacher's is common at 8 bits) the float32 path and the float64
+    reference gave opposite signs in one class of 2639."""
+    p = torch.softmax(t.double() / temperature, -1)
+    q = torch.softmax(s.double() / temperature, -1)
+    scale = max(s.abs().max().item(), t.abs().max().item()) / temperature
+    error = 8 * 4e-7 * (torch.log(torch.tensor(s.shape[-1] + 1.0)).item() + scale)
+    return (p - q).abs() <= error * (p + q)
