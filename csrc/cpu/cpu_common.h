@@ -143,10 +143,21 @@ inline Vec load_vec(const T* p) {
   return out;
 }
 inline void store_vec(float* p, const Vec& v) { v.store(p); }
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 lanes to 16-bit floats: ATen's one-vector conversions (the same rounding, bit for bit, as
+// convert_from_float, which converts two vectors and would be given this one twice).
+inline __m256i to_half_bits(const Vec& v, at::BFloat16*) { return at::vec::cvtfp32_bf16(v); }
+inline __m256i to_half_bits(const Vec& v, at::Half*) { return at::vec::cvtfp32_fp16(v); }
+template <typename T>
+inline void store_vec(T* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_half_bits(v, p));
+}
+#else
 template <typename T>
 inline void store_vec(T* p, const Vec& v) {
   at::vec::convert_from_float<T>(v, v).store(p, kVec);
 }
+#endif
 
 // A row's last, partial vector. With AVX-512 by masked loads and stores (lanes past the row never
 // touch memory): a row of 1000 classes spent a quarter of its time in the scalar fallback below,
@@ -172,10 +183,7 @@ inline void store_tail(float* p, const Vec& v, int64_t n) {
 }
 template <typename T>
 inline void store_tail(T* p, const Vec& v, int64_t n) {
-  static_assert(sizeof(T) == 2, "16-bit floats");
-  alignas(64) T lanes[2 * kVec];
-  at::vec::convert_from_float<T>(v, v).store(lanes, 2 * kVec);
-  _mm256_mask_storeu_epi16(p, tail_mask(n), _mm256_load_si256(reinterpret_cast<__m256i*>(lanes)));
+  _mm256_mask_storeu_epi16(p, tail_mask(n), to_half_bits(v, p));
 }
 #else
 template <typename T>
