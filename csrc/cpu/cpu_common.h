@@ -163,15 +163,18 @@ inline void store_vec(T* p, const Vec& v) {
 // touch memory): a row of 1000 classes spent a quarter of its time in the scalar fallback below,
 // whose lane-by-lane stores then stall the vector load that reads them back.
 #if defined(CPU_CAPABILITY_AVX512)
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+// The first n lanes (all 16 for n >= 16).
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
+}
 
 inline Vec load_tail(const float* p, int64_t n, float fill) {
-  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p);
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_lanes(n), p);
 }
 template <typename T>
 inline Vec load_tail(const T* p, int64_t n, float fill) {
   static_assert(sizeof(T) == 2, "16-bit floats");
-  const __mmask16 m = tail_mask(n);
+  const __mmask16 m = first_lanes(n);
   const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
   Vec out;  // the lanes that were loaded, converted as load_vec converts them
   at::vec::load_to_float(reinterpret_cast<const T*>(&bits), out);
@@ -179,11 +182,11 @@ inline Vec load_tail(const T* p, int64_t n, float fill) {
 }
 
 inline void store_tail(float* p, const Vec& v, int64_t n) {
-  _mm512_mask_storeu_ps(p, tail_mask(n), v);
+  _mm512_mask_storeu_ps(p, first_lanes(n), v);
 }
 template <typename T>
 inline void store_tail(T* p, const Vec& v, int64_t n) {
-  _mm256_mask_storeu_epi16(p, tail_mask(n), to_half_bits(v, p));
+  _mm256_mask_storeu_epi16(p, first_lanes(n), to_half_bits(v, p));
 }
 #else
 template <typename T>
@@ -200,6 +203,17 @@ inline void store_tail(T* p, const Vec& v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(lanes[i]);
 }
 #endif
+
+// acc + w * d where w != 0, acc where w == 0 (a weight of 0 from a logit of -inf meets an
+// infinite d: 0 * inf would be NaN). With AVX-512 one masked FMA.
+inline Vec add_weighted(const Vec& acc, const Vec& w, const Vec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 weighted = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm512_mask3_fmadd_ps(w, d, acc, weighted);
+#else
+  return acc + ((w != Vec(0.f)) & (w * d));
+#endif
+}
 
 // n <= kVec elements as a vector, in float whatever the storage type: a row's tail is padded
 // with `fill` (-inf for logits: such a lane weighs 0 in every sum and every divergence term).

@@ -57,17 +57,6 @@ inline Vec max_so_far(const Vec& so_far, const Vec& v) {
 #endif
 }
 
-// acc + w * d where w != 0, acc where w == 0 (a weight of 0 from a logit of -inf meets an
-// infinite d: 0 * inf would be NaN).
-inline Vec add_weighted(const Vec& acc, const Vec& w, const Vec& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __mmask16 weighted = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-  return _mm512_mask3_fmadd_ps(w, d, acc, weighted);
-#else
-  return acc + ((w != Vec(0.f)) & (w * d));
-#endif
-}
-
 template <int KIND, typename T>
 StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, const Kept& keep) {
   Vec vmax_s(-INFINITY), vmax_t(-INFINITY);

@@ -54,11 +54,6 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
-
-// The first n (<= 16) lanes.
-inline __mmask16 first_lanes(int64_t n) {
-  return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
-}
 #endif
 
 // A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]. Rows whose
@@ -232,8 +227,8 @@ void small_blocks(const DenseProblem& p) {
         const Vec exv = fast_exp(x - st.max_x), eyv = fast_exp(y - st.max_y);
         st.sum_x = st.sum_x + exv;
         st.sum_y = st.sum_y + eyv;
-        if constexpr (KIND == kKL) st.cross = st.cross + ((eyv != zero) & (eyv * (y - x)));
-        if constexpr (KIND == kReverseKL) st.cross = st.cross + ((exv != zero) & (exv * (x - y)));
+        if constexpr (KIND == kKL) st.cross = add_weighted(st.cross, eyv, y - x);
+        if constexpr (KIND == kReverseKL) st.cross = add_weighted(st.cross, exv, x - y);
         exv.store(ex + k * R);
         eyv.store(ey + k * R);
         if (c.ce_separate) {
