@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import kdplug
 from bench_kd_loss import _rss_bytes  # this folder is on sys.path when run as a script
-from kdplug.engine.config import DistillConfig
+from kdplug.engine.config import ConfigError, DistillConfig, parse_options
 from kdplug.engine.loop import make_optimizer
 from kdplug.ops import backend_status, fused_linear_kd, kd_kl_div
 
@@ -72,14 +72,12 @@ def make_batch(batch, seq_len, vocab, seed, device):
 
 
 def model_options(text):
-    """"num_layers=2,d_model=128" -> {"num_layers": 2, "d_model": 128}."""
-    options = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
-        options[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
-    return options
+    """"num_layers=2,d_model=128" -> {"num_layers": 2, "d_model": 128} (each pair read as the
+    CLI reads --teacher-option)."""
+    try:
+        return parse_options(filter(None, text.split(",")), "--teacher-options/--student-options")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def peak_growth(run):
