@@ -56,31 +56,37 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]. Rows whose
-// lane is off are never read: their lanes hold zeros. float rows go by masked loads and 16x16
-// transposes (AVX-512) or masked gathers (AVX2), 16-bit rows element by element.
+// A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]; returns each
+// lane's maximum over the classes. Rows whose lane is off are never read: their lanes hold zeros
+// (on == nullptr: every lane is on). float rows go by masked loads and 16x16 transposes (AVX-512)
+// or masked gathers (AVX2), 16-bit rows element by element.
 template <typename T>
-void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
+Vec block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     // 16 classes at a time: each row's stretch by a masked load (contiguous, and lanes past the
     // row never touch memory), then one in-register transpose; several times cheaper than one
-    // gather per class, which loads each element on its own.
+    // gather per class, which loads each element on its own. The maxima are taken from the tile
+    // in registers, by vmaxps, which may pass over a NaN: the exps of the sums carry it still.
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t k0 = 0; k0 < cols; k0 += 16) {
       const __mmask16 cmask = first_lanes(cols - k0);
       const int64_t nk = std::min<int64_t>(16, cols - k0);
       __m512 tile[16];
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
-        tile[r] = _mm512_maskz_loadu_ps(on[r] ? cmask : 0, rows + r * cols + k0);
+        tile[r] = _mm512_maskz_loadu_ps(!on || on[r] ? cmask : 0, rows + r * cols + k0);
       }
       transpose16(tile);
 #pragma GCC unroll 16
       for (int k = 0; k < 16; ++k) {
-        if (k < nk) _mm512_storeu_ps(dst + (k0 + k) * R, tile[k]);
+        if (k < nk) {
+          _mm512_storeu_ps(dst + (k0 + k) * R, tile[k]);
+          vmax = _mm512_max_ps(vmax, tile[k]);
+        }
       }
     }
-    return;
+    return Vec(vmax);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
@@ -89,26 +95,31 @@ void block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
     int32_t index[R], bits[R];
     for (int64_t r = 0; r < R; ++r) {
       index[r] = static_cast<int32_t>(r * cols);
-      bits[r] = on[r] ? -1 : 0;
+      bits[r] = !on || on[r] ? -1 : 0;
     }
     const __m256i vindex = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
     const __m256 mask = _mm256_castsi256_ps(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
+    Vec vmax(-INFINITY);
     for (int64_t k = 0; k < cols; ++k) {
-      _mm256_storeu_ps(dst + k * R, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), rows + k,
-                                                             vindex, mask, 4));
+      const Vec v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), rows + k, vindex, mask, 4);
+      v.store(dst + k * R);
+      vmax = at::vec::maximum(vmax, v);
     }
-    return;
+    return vmax;
   }
 #endif
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t k = 0; k < cols; ++k) {
-      dst[k * R + r] = on[r] ? static_cast<float>(rows[r * cols + k]) : 0.f;
+      dst[k * R + r] = !on || on[r] ? static_cast<float>(rows[r * cols + k]) : 0.f;
     }
   }
+  Vec vmax(-INFINITY);
+  for (int64_t k = 0; k < cols; ++k) vmax = at::vec::maximum(vmax, Vec::loadu(dst + k * R));
+  return vmax;
 }
 
-// The inverse for the lanes that are on: class-major src back into the rows. float rows go by
+// The inverse for the lanes that are on (on == nullptr: all): class-major src back into the rows. float rows go by
 // 16x16 transposes (AVX-512) or gathers from src (AVX2: strided loads from L1), then contiguous
 // masked stores, several times cheaper than scatters into the rows.
 template <typename T>
@@ -126,7 +137,7 @@ void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
       const __mmask16 cmask = first_lanes(nk);
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
-        _mm512_mask_storeu_ps(rows + r * cols + k0, on[r] ? cmask : 0, tile[r]);
+        _mm512_mask_storeu_ps(rows + r * cols + k0, !on || on[r] ? cmask : 0, tile[r]);
       }
     }
     return;
@@ -135,7 +146,7 @@ void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
   if constexpr (std::is_same_v<T, float>) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t r = 0; r < R; ++r) {
-      if (!on[r]) continue;
+      if (on && !on[r]) continue;
       for (int64_t k = 0; k < cols; k += 8) {
         const __m256i classes = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k)));
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)),
@@ -152,7 +163,7 @@ void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
   }
 #endif
   for (int64_t r = 0; r < R; ++r) {
-    if (!on[r]) continue;
+    if (on && !on[r]) continue;
     for (int64_t k = 0; k < cols; ++k) rows[r * cols + k] = static_cast<T>(src[k * R + r]);
   }
 }
@@ -205,20 +216,18 @@ void small_blocks(const DenseProblem& p) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * R;
       const int64_t nr = std::min(R, p.rows - r0);
+      // The common block, R rows that all count, skips the per-row bookkeeping below.
+      const bool full = nr == R && !p.mask;
       bool counted[R];
       int64_t label[R];
       for (int64_t r = 0; r < R; ++r) {
-        counted[r] = r < nr && (!p.mask || p.mask[r0 + r]);
+        counted[r] = full || (r < nr && (!p.mask || p.mask[r0 + r]));
         label[r] = c.with_ce && counted[r] ? c.label_of(p, r0 + r) : -1;
       }
       // rows that do not count are never read: their lanes compute on zeros
-      block_in(s_all + r0 * cols, cols, counted, bs);
-      block_in(t_all + r0 * cols, cols, counted, bt);
-      Vec vmax_s(-INFINITY), vmax_t(-INFINITY);
-      for (int64_t k = 0; k < cols; ++k) {
-        vmax_s = at::vec::maximum(vmax_s, Vec::loadu(bs + k * R));
-        vmax_t = at::vec::maximum(vmax_t, Vec::loadu(bt + k * R));
-      }
+      const bool* on = full ? nullptr : counted;
+      const Vec vmax_s = block_in(s_all + r0 * cols, cols, on, bs);
+      const Vec vmax_t = block_in(t_all + r0 * cols, cols, on, bt);
       RowStatsT<Vec> st{vmax_s * vinv, zero, vmax_t * vinv, zero, zero};
       Vec sum_s(0.f);
       for (int64_t k = 0; k < cols; ++k) {
@@ -264,21 +273,32 @@ void small_blocks(const DenseProblem& p) {
         }
       }
       const TermCoefsT<Vec> coefs{Vec(c.k.kd_loss), Vec(c.k.kd_grad), Vec::loadu(lane_coef)};
-      float loss[R], lane_nonfinite[R];
-      (coefs.kd_loss * terms.value + coefs.ce * Vec::loadu(lane_ce)).store(loss);
+      const Vec loss = coefs.kd_loss * terms.value + coefs.ce * Vec::loadu(lane_ce);
       // 0 in a lane whose four statistics are finite, NaN otherwise (0 * inf and 0 * NaN are NaN)
-      (res.max_x * zero + res.max_y * zero + res.log_sum_x * zero + res.log_sum_y * zero)
-          .store(lane_nonfinite);
-      bool finite[R], good[R];
-      for (int64_t r = 0; r < R; ++r) {
-        finite[r] = lane_nonfinite[r] == 0.f;
-        good[r] = counted[r] && finite[r];
-        if (r < nr) loss_rows[r0 + r] = !counted[r] ? 0.f : finite[r] ? loss[r] : NAN;
+      const Vec nonfinite =
+          res.max_x * zero + res.max_y * zero + res.log_sum_x * zero + res.log_sum_y * zero;
+      const bool all_good = full && nonfinite.zero_mask() == (1 << Vec::size()) - 1;
+      bool good[R];
+      if (all_good) {
+        loss.store(loss_rows + r0);
+      } else {
+        float lane_loss[R], lane_nonfinite[R];
+        loss.store(lane_loss);
+        nonfinite.store(lane_nonfinite);
+        for (int64_t r = 0; r < R; ++r) {
+          const bool finite = lane_nonfinite[r] == 0.f;
+          good[r] = counted[r] && finite;
+          if (r < nr) loss_rows[r0 + r] = !counted[r] ? 0.f : finite ? lane_loss[r] : NAN;
+        }
       }
       if (!gs_all && !gt_all) continue;
 
       // Gradients, class-major, then transposed back into each row.
       auto write_rows = [&](T* out_all) {
+        if (all_good) {
+          block_out(gb, cols, nullptr, out_all + r0 * cols);
+          return;
+        }
         for (int64_t r = 0; r < nr; ++r) {
           if (good[r]) continue;
           T* out = out_all + (r0 + r) * cols;
@@ -300,8 +320,10 @@ void small_blocks(const DenseProblem& p) {
           const Vec sigma = c.ce_separate ? Vec::loadu(es + j * R) * fs : q_k;
           grad_student_of(class_terms(j, p_k, q_k), q_k, sigma, terms, coefs).store(gb + j * R);
         }
-        for (int64_t r = 0; r < R; ++r) {
-          if (label[r] >= 0) gb[label[r] * R + r] -= c.k.ce;
+        if (c.with_ce) {
+          for (int64_t r = 0; r < R; ++r) {
+            if (label[r] >= 0) gb[label[r] * R + r] -= c.k.ce;
+          }
         }
         write_rows(gs_all);
       }
