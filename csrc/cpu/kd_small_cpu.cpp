@@ -73,9 +73,10 @@ Vec block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
       const __mmask16 cmask = first_lanes(cols - k0);
       const int64_t nk = std::min<int64_t>(16, cols - k0);
       __m512 tile[16];
+      const T* row = rows + k0;  // stepped, not indexed: 16 row addresses would spill registers
 #pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) {
-        tile[r] = _mm512_maskz_loadu_ps(!on || on[r] ? cmask : 0, rows + r * cols + k0);
+      for (int r = 0; r < 16; ++r, row += cols) {
+        tile[r] = _mm512_maskz_loadu_ps(!on || on[r] ? cmask : 0, row);
       }
       transpose16(tile);
 #pragma GCC unroll 16
@@ -135,9 +136,10 @@ void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
       }
       transpose16(tile);
       const __mmask16 cmask = first_lanes(nk);
+      T* row = rows + k0;
 #pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) {
-        _mm512_mask_storeu_ps(rows + r * cols + k0, !on || on[r] ? cmask : 0, tile[r]);
+      for (int r = 0; r < 16; ++r, row += cols) {
+        _mm512_mask_storeu_ps(row, !on || on[r] ? cmask : 0, tile[r]);
       }
     }
     return;
