@@ -245,6 +245,19 @@ inline float hsum(const Vec& v) {
 
 }  // namespace cpu
 
+// Asks for the cache line kPrefetchWriteBytes past p, to be written. The gradients are written to
+// memory the caches have not seen since it was allocated (or since other work evicted it): each
+// line a store misses is first read from memory (a read-for-ownership), the store buffer fills
+// behind those reads and the arithmetic stalls with it. Asked for a page ahead, the line is there
+// when the store comes: kl at 2048 x 1000 with cold caches 4.4 -> 3.0 ms (docs/op.md). (An
+// address past the tensor's end is fine: a prefetch never faults.)
+constexpr int64_t kPrefetchWriteBytes = 4096;
+template <typename T>
+inline void prefetch_for_write(T* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
+                                                   kPrefetchWriteBytes), 1);
+}
+
 // kd_math.h's lane operations on vectors, so its per-class templates run 16 (or 8) classes, or
 // rows, at once.
 template <>

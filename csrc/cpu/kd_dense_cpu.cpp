@@ -220,6 +220,7 @@ void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowSt
                             vbeta);
     }
     if (gs) {
+      prefetch_for_write(gs + i);
       Vec g = grad_student_of(ct, pr.q, pr.sigma, row.terms, row.k);
       if (label >= i && label < i + m) {  // the hard label's -1, in float before rounding
         float lanes[kVec];
@@ -229,7 +230,10 @@ void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowSt
       }
       store_n(gs + i, g, m);
     }
-    if constexpr (HAS_GT) store_n(gt + i, grad_teacher_of(ct, pr.p, row.terms, row.k), m);
+    if constexpr (HAS_GT) {
+      prefetch_for_write(gt + i);
+      store_n(gt + i, grad_teacher_of(ct, pr.p, row.terms, row.k), m);
+    }
   }
 }
 

@@ -226,6 +226,12 @@ void small_blocks(const DenseProblem& p) {
         counted[r] = full || (r < nr && (!p.mask || p.mask[r0 + r]));
         label[r] = c.with_ce && counted[r] ? c.label_of(p, r0 + r) : -1;
       }
+      // The next block's gradient lines, asked for now (prefetch_for_write): they arrive while
+      // this block computes.
+      for (int64_t b = 0; b < R * cols * static_cast<int64_t>(sizeof(T)); b += 64) {
+        if (gs_all) prefetch_for_write(reinterpret_cast<char*>(gs_all + r0 * cols) + b);
+        if (gt_all) prefetch_for_write(reinterpret_cast<char*>(gt_all + r0 * cols) + b);
+      }
       // rows that do not count are never read: their lanes compute on zeros
       const bool* on = full ? nullptr : counted;
       const Vec vmax_s = block_in(s_all + r0 * cols, cols, on, bs);

@@ -143,6 +143,7 @@ void topk_rows(const TopkProblem& a) {
       const Vec vout(kc.kd_grad * res.outside_factor * fq), vce(kc.ce * fs);
       for (int64_t i = 0; i < cols; i += kVec) {
         const Vec g = vout * Vec::loadu(keep_x.data() + i) + vce * Vec::loadu(sigma_keep + i);
+        prefetch_for_write(grad + i);
         store_n(grad + i, g, std::min(kVec, cols - i));
       }
       // ... then the teacher's classes, and the hard label's -1, each in float before rounding.
