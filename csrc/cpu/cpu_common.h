@@ -263,15 +263,30 @@ inline void prefetch_for_write(T* p) {
 template <>
 struct KdLane<cpu::Vec> {
   using Vec = cpu::Vec;
+#if defined(CPU_CAPABILITY_AVX512)
+  // One compare into a mask register and one masked move: at::vec's comparison would widen the
+  // mask into a vector of all-ones lanes and blendv compare that back into a mask.
+  static Vec where_pos(const Vec& c, const Vec& a) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), a);
+  }
+  static Vec sign(const Vec& v) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 negative =
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.f));
+    return _mm512_mask_mov_ps(negative, _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
+                              _mm512_set1_ps(1.f));
+  }
+#else
   static Vec where_pos(const Vec& c, const Vec& a) {
     return Vec::blendv(Vec(0.f), a, c > Vec(0.f));
   }
-  static Vec log(const Vec& v) { return cpu::fast_log(v); }
-  static Vec abs(const Vec& v) { return v.abs(); }
   static Vec sign(const Vec& v) {
     const Vec one(1.f), zero(0.f);
     return ((v > zero) & one) - ((v < zero) & one);
   }
+#endif
+  static Vec log(const Vec& v) { return cpu::fast_log(v); }
+  static Vec abs(const Vec& v) { return v.abs(); }
   // A division takes ~10 cycles a vector; with AVX-512 a 14-bit reciprocal refined by one
   // Newton step (error ~2^-28, then two roundings: within 2 ulp) takes ~2. Below FLT_MIN the
   // reciprocal would be inf (rcp14 flushes denormals), so b is clamped there: only classes whose
