@@ -61,7 +61,9 @@ KD_HD double kd_log(double v) { return log(v); }
 template <typename V>
 struct KdLane {
   static KD_HD V where_pos(V c, V a) { return c > V(0) ? a : V(0); }  // a where c > 0, else 0
-  static KD_HD V log(V v) { return kd_log(v); }
+  // log of a mixture m in [0, 1]; the callers drop every class whose m is 0 (where_pos), so its
+  // value there is free (the CPU's vectors skip the fix-ups of log 0 and log inf)
+  static KD_HD V log_mixture(V v) { return kd_log(v); }
   static KD_HD V abs(V v) { return v < V(0) ? -v : v; }
   static KD_HD V sign(V v) { return V((v > V(0)) - (v < V(0))); }
   // a / b for b in (0, 1] (a mixture); the CPU's vectors may trade the division for a reciprocal
@@ -113,7 +115,7 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
     // A mixture that underflows to 0 (p or q a denormal times β) drops the class: its terms
     // weigh less than 1e-38, and log 0 would make them infinite.
     const V m = beta * p + (one - beta) * q;
-    const V log_m = L::log(m);
+    const V log_m = L::log_mixture(m);
     const V pm = L::where_pos(m, p), qm = L::where_pos(m, q);
     const V a = L::where_pos(pm, pm * (log_p - log_m));  // p's part, KL(p ‖ m)
     const V b = L::where_pos(qm, qm * (log_q - log_m));  // q's part, KL(q ‖ m)
@@ -125,14 +127,14 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
   } else if constexpr (DIV == kSkewKL) {
     const V m = beta * p + (one - beta) * q;
     const V pm = L::where_pos(m, p);  // as for jsd: an underflowed mixture drops the class
-    const V v = L::where_pos(pm, pm * (log_p - L::log(m)));
+    const V v = L::where_pos(pm, pm * (log_p - L::log_mixture(m)));
     const V w = L::where_pos(pm, L::div_mixture(pm, m));
     return {v, zero - (one - beta) * q * w, v - beta * pm * w};
   } else {
     static_assert(DIV == kSkewReverseKL, "unknown divergence");
     const V m = beta * q + (one - beta) * p;
     const V qm = L::where_pos(m, q);
-    const V v = L::where_pos(qm, qm * (log_q - L::log(m)));
+    const V v = L::where_pos(qm, qm * (log_q - L::log_mixture(m)));
     const V w = L::where_pos(qm, L::div_mixture(qm, m));
     return {v, v - beta * qm * w, zero - (one - beta) * p * w};
   }
