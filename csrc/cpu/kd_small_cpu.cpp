@@ -120,9 +120,9 @@ Vec block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
   return vmax;
 }
 
-// The inverse for the lanes that are on (on == nullptr: all): class-major src back into the rows. float rows go by
-// 16x16 transposes (AVX-512) or gathers from src (AVX2: strided loads from L1), then contiguous
-// masked stores, several times cheaper than scatters into the rows.
+// The inverse for the lanes that are on (on == nullptr: all): class-major src back into the
+// rows. float rows go by 16x16 transposes (AVX-512) or gathers from src (AVX2: strided loads from
+// L1), then contiguous masked stores, several times cheaper than scatters into the rows.
 template <typename T>
 void block_out(const float* src, int64_t cols, const bool* on, T* rows) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -226,8 +226,8 @@ void small_blocks(const DenseProblem& p) {
         counted[r] = full || (r < nr && (!p.mask || p.mask[r0 + r]));
         label[r] = c.with_ce && counted[r] ? c.label_of(p, r0 + r) : -1;
       }
-      // The next block's gradient lines, asked for now (prefetch_for_write): they arrive while
-      // this block computes.
+      // The gradient's lines a page past this block's, asked for now (prefetch_for_write): they
+      // arrive while this block and the next compute.
       for (int64_t b = 0; b < R * cols * static_cast<int64_t>(sizeof(T)); b += 64) {
         if (gs_all) prefetch_for_write(reinterpret_cast<char*>(gs_all + r0 * cols) + b);
         if (gt_all) prefetch_for_write(reinterpret_cast<char*>(gt_all + r0 * cols) + b);
