@@ -135,6 +135,13 @@ struct KeptFactors {
   float fq, fp, fs;
 };
 
+// A row of one stretch: the factors are 1/sum, one division each instead of exp(-log sum)
+// through libm, and rounded once. (A finite row's sums are at least 1: its maximum adds exp(0).)
+inline KeptFactors whole_row_factors(const StretchStats& st, const Consts& c) {
+  const float fq = 1.f / st.st.sum_x;
+  return {fq, 1.f / st.st.sum_y, c.ce_separate ? 1.f / st.ce.sum : fq};
+}
+
 inline KeptFactors kept_factors(const StretchStats& st, const RowState& row, const Consts& c) {
   KeptFactors f;
   f.fq = kept_factor(st.st.max_x, row.res.max_x, row.res.log_sum_x);
@@ -324,8 +331,13 @@ void dense_rows(const DenseProblem& p) {
         const Kept here{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr, nullptr,
                         nullptr};
         stats[k] = stretch_stats<KIND>(rp.s + at, rp.t + at, n, c, here);
-        st = row_stats_merge<KIND>(st, stats[k].st);
-        ce = lse_merge(ce, stats[k].ce);
+        if (stretches == 1) {  // the merge would only rescale by exp(0), through libm
+          st = stats[k].st;
+          ce = stats[k].ce;
+        } else {
+          st = row_stats_merge<KIND>(st, stats[k].st);
+          ce = lse_merge(ce, stats[k].ce);
+        }
       }
       RowState row;
       if (!finish_stats<KIND>(st, ce, c, c.label_of(p, r), row)) {
@@ -334,6 +346,9 @@ void dense_rows(const DenseProblem& p) {
         fill_span(rp.gt, cols, NAN);
         continue;
       }
+      auto factors = [&](int64_t k) {
+        return stretches == 1 ? whole_row_factors(stats[0], c) : kept_factors(stats[k], row, c);
+      };
       auto stretch_kept = [&](int64_t k) {
         const int64_t at = k * kStretch;
         return Kept{keep.ex + at, keep.ey + at, keep.es ? keep.es + at : nullptr,
@@ -345,7 +360,7 @@ void dense_rows(const DenseProblem& p) {
           const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
           row.terms = row_terms_merge(
               row.terms, mixture_terms<true>(p.divergence, rp.s + at, rp.t + at, n, row, c,
-                                             stretch_kept(k), kept_factors(stats[k], row, c)));
+                                             stretch_kept(k), factors(k)));
         }
       }
       loss_rows[r] = row_loss(row, rp.s);
@@ -354,7 +369,7 @@ void dense_rows(const DenseProblem& p) {
         const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
         stretch_grads<KIND, HAS_GT, true>(rp.s + at, rp.t + at, n, row.label - at, row, c,
                                           p.divergence, stretch_kept(k),
-                                          kept_factors(stats[k], row, c),
+                                          factors(k),
                                          rp.gs ? rp.gs + at : nullptr,
                                          HAS_GT ? rp.gt + at : nullptr);
       }
