@@ -45,15 +45,20 @@ constexpr float kLog[7] = {0.08699174225330353f,  -0.1426648050546646f, 0.149147
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vec fast_exp(const Vec& v) {
   using namespace fastmath;
+  // Below -86 the result is 0 rather than a denormal: a scalef whose result is denormal (or
+  // underflows through one) takes a microcode assist of ~100+ cycles, and every row tail padded
+  // with -inf paid two of them (~190 ns a row: 330 against 150 ns a row at 100 against 96
+  // classes). Values under 4.5e-38 weigh nothing in the sums. NaN compares as not-less: it stays.
+  const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-86.f), _CMP_NLT_UQ);
   // max(lo, v) and min(hi, .) return their second operand for NaN: NaN goes through.
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-86.f), v));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExp[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp[i]));
-  return _mm512_scalef_ps(p, n);  // p * 2^n, with IEEE underflow to 0
+  return _mm512_maskz_scalef_ps(kept, p, n);  // p * 2^n, 0 below -86
 }
 
 // SPECIAL_VALUES false: for x in (0, inf) only (0 and inf come out NaN), four instructions less.
