@@ -29,7 +29,7 @@ constexpr int64_t kVec = Vec::size();
 // capability), e^v = 2^n e^r with n = round(v log2 e), r = v - n ln 2 in two steps (Cody-Waite),
 // e^r a degree-5 minimax polynomial on [-ln2/2, ln2/2]: relative error < 2e-7 (ATen's exp_u20:
 // 4e-7), about twice its throughput (9-11 instructions instead of 17). NaN stays NaN, -inf and
-// anything below the float range give 0. log: x = m 2^e with m in [1/sqrt2, sqrt2),
+// anything below the float range give 0 (on AVX-512 anything below -86: no denormal results). log: x = m 2^e with m in [1/sqrt2, sqrt2),
 // log m = f - f^2/2 + f^3 P(f), f = m - 1, P of degree 6: relative error < 2e-7, several times
 // the throughput of ATen's Sleef log (what the mixture divergences spend most of their time in).
 namespace fastmath {
