@@ -454,3 +454,35 @@ def test_a_nan_anywhere_in_a_row_makes_that_row_nan(device, backend, rows, class
             if side == "student" or backend == "native":
                 assert torch.isnan(s.grad[0]).any(), (div, at)
             assert torch.isfinite(loss[1:]).all() and torch.isfinite(s.grad[1:]).all(), (div, at)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_denormals_flushed_inside_the_kernels_only(threads):
+    """The CPU kernels flush denormals to zero while they run (an assist of ~100 cycles each
+    otherwise, many at low temperatures): the caller's threads must get their own setting back,
+    and a row full of them must still match the reference."""
+    from kdplug.ops import kd_loss_topk
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        # T = 0.05 spreads these logits over ~1e3 nats: most probabilities underflow
+        for shape in [(40, 10), (40, 100), (6, 3000)]:
+            s = (torch.randn(shape, generator=g) * 4).requires_grad_()
+            t = torch.randn(shape, generator=g) * 4
+            loss = kd_loss(s, t, 0.05, divergence="jsd", beta=0.4, backend="native")
+            loss.backward()
+            ref_s = s.detach().clone().requires_grad_()
+            ref = reference(ref_s, t, 0.05, "jsd", 0.4)
+            ref.backward()
+            assert_close_scaled(loss, ref.detach(), 2e-5)
+            assert_close_scaled(s.grad, ref_s.grad.double(), 2e-4, 1e-6)
+        logprobs, indices = F.log_softmax(torch.randn(6, 3000, generator=g), -1).topk(8, -1)
+        kd_loss_topk(torch.randn(6, 3000, generator=g).requires_grad_(), indices, logprobs, 0.05,
+                     backend="native").backward()
+        tiny = torch.full((1 << 20,), 1e-38)  # large enough to run on every intra-op thread
+        assert ((tiny * 1e-3) > 0).all(), "a kernel left flush-to-zero on for its caller"
+    finally:
+        torch.set_num_threads(before)

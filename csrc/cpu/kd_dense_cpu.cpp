@@ -298,6 +298,7 @@ void dense_rows(const DenseProblem& p) {
   float* loss_rows = static_cast<float*>(p.loss_rows);
   const bool wants_grads = p.grad_student || p.grad_teacher;
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    const NoDenormals no_denormals;
     // Padded by a vector: a row's tail stores whole vectors.
     const int64_t len = cols + kVec;
     const bool mixture = KIND == kMixture && wants_grads;
@@ -397,6 +398,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
 
   std::vector<StretchStats> partial(tasks);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const NoDenormals no_denormals;
     for (int64_t task = begin; task < end; ++task) {
       if (!active(task / chunks)) continue;
       int64_t at, n;
@@ -426,6 +428,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
   if constexpr (KIND == kMixture) {
     std::vector<RowTerms> terms(tasks, row_terms_empty<float>());
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      const NoDenormals no_denormals;
       for (int64_t task = begin; task < end; ++task) {
         if (!active(task / chunks) || !finite[task / chunks]) continue;
         int64_t at, n;
@@ -449,6 +452,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
   }
   if (!p.grad_student && !p.grad_teacher) return;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const NoDenormals no_denormals;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / chunks;
       int64_t at, n;
