@@ -33,7 +33,8 @@ constexpr int64_t kVec = Vec::size();
 // capability), e^v = 2^n e^r with n = round(v log2 e), r = v - n ln 2 in two steps (Cody-Waite),
 // e^r a degree-5 minimax polynomial on [-ln2/2, ln2/2]: relative error < 2e-7 (ATen's exp_u20:
 // 4e-7), about twice its throughput (9-11 instructions instead of 17). NaN stays NaN, -inf and
-// anything below the float range give 0 (on AVX-512 anything below -86: no denormal results). log: x = m 2^e with m in [1/sqrt2, sqrt2),
+// anything below the float range give 0 (denormal results are flushed to 0 inside the kernels,
+// NoDenormals below). log: x = m 2^e with m in [1/sqrt2, sqrt2),
 // log m = f - f^2/2 + f^3 P(f), f = m - 1, P of degree 6: relative error < 2e-7, several times
 // the throughput of ATen's Sleef log (what the mixture divergences spend most of their time in).
 namespace fastmath {
@@ -49,20 +50,15 @@ constexpr float kLog[7] = {0.08699174225330353f,  -0.1426648050546646f, 0.149147
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vec fast_exp(const Vec& v) {
   using namespace fastmath;
-  // Below -86 the result is 0 rather than a denormal: a scalef whose result is denormal (or
-  // underflows through one) takes a microcode assist of ~100+ cycles, and every row tail padded
-  // with -inf paid two of them (~190 ns a row: 330 against 150 ns a row at 100 against 96
-  // classes). Values under 4.5e-38 weigh nothing in the sums. NaN compares as not-less: it stays.
-  const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-86.f), _CMP_NLT_UQ);
   // max(lo, v) and min(hi, .) return their second operand for NaN: NaN goes through.
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-86.f), v));
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExp[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp[i]));
-  return _mm512_maskz_scalef_ps(kept, p, n);  // p * 2^n, 0 below -86
+  return _mm512_scalef_ps(p, n);  // p * 2^n, with IEEE underflow to 0
 }
 
 // SPECIAL_VALUES false: for x in (0, inf) only (0 and inf come out NaN), four instructions less.
@@ -252,12 +248,13 @@ inline float hmax_nan(const Vec& v) {
   // compare-and-selects, twice per row in the row kernel (~50 ns of a row's ~200 ns overhead)
   if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return NAN;
   return _mm512_reduce_max_ps(v);
-#endif
+#else
   float lanes[kVec];
   v.store(lanes);
   float m = lanes[0];
   for (int64_t i = 1; i < kVec; ++i) m = kd_max_nan(m, lanes[i]);
   return m;
+#endif
 }
 
 inline float hsum(const Vec& v) {
@@ -268,8 +265,10 @@ inline float hsum(const Vec& v) {
 
 // Flush-to-zero and denormals-are-zero on this thread while in scope (the caller's setting comes
 // back after). Without them every arithmetic result or operand that is a denormal costs a
-// microcode assist of ~100+ cycles; low temperatures and peaked rows make many (probabilities
-// under 1.2e-38, and their products), which weigh nothing in these sums and gradients. The
+// microcode assist of ~100+ cycles: the exps of every row tail padded with -inf (two a row: 330
+// against 150 ns a row at 100 against 96 classes), and at low temperatures or in peaked rows
+// most exps and their products (probabilities under 1.2e-38, which weigh nothing in these sums
+// and gradients; T = 0.05 ran ~10x slower). The
 // portable kernel, the GPU's arithmetic for the tests, keeps IEEE denormals.
 class NoDenormals {
  public:
