@@ -115,8 +115,45 @@ def native_path(student, teacher, temperature, divergence, beta, labels, alpha, 
     return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
 
 
+_FAST_REDUCTIONS = {"batchmean": REDUCTIONS["batchmean"], "sum": REDUCTIONS["sum"]}
+_FAST_BACKENDS = ("auto", "native")
+_NUMBERS = (float, int)
+
+
+def _fast_path(student, teacher, temperature, divergence, beta, reduction, backend):
+    """The common eager CPU call (2-D contiguous logits, a plain number T, no labels or mask, a
+    reduced loss) straight to the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand
+    in for check_inputs; None when the call is anything else. On a small batch the Python checks
+    and dispatch above cost as much as the kernel (most of it in cold caches, as in a training
+    step, where the model's work evicts them between calls)."""
+    code = DIVERGENCES.get(divergence) if type(divergence) is str else None
+    if (code is None or reduction not in _FAST_REDUCTIONS or backend not in _FAST_BACKENDS
+            or type(student) is not torch.Tensor or type(teacher) is not torch.Tensor
+            or type(temperature) not in _NUMBERS or type(beta) not in _NUMBERS
+            or student.device.type != "cpu" or teacher.device.type != "cpu" or student.dim() != 2
+            or not student.is_contiguous() or not teacher.is_contiguous()
+            or torch.compiler.is_compiling()
+            or support.choose_backend(API, OP, backend, "cpu", True) != "native"):
+        return None
+    eager = support.eager_op(OP)
+    if eager is None:
+        return None
+    grad = torch.is_grad_enabled()
+    return eager(student, teacher, temperature, code, beta, None, 1.0, -100, None,
+                 _FAST_REDUCTIONS[reduction], None, grad and student.requires_grad,
+                 grad and teacher.requires_grad)
+
+
 def _run(api, student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
          reduction, mask, backend):
+    if labels is None and mask is None and type(alpha) in _NUMBERS and alpha == 1:
+        try:
+            loss = _fast_path(student, teacher, temperature, divergence, beta, reduction,
+                              backend)
+        except (RuntimeError, ValueError, TypeError):
+            loss = None  # the full path below raises its own error (or finds the call fine)
+        if loss is not None:
+            return loss
     temperature, beta, alpha = check_inputs(api, student, teacher, temperature, divergence, beta,
                                             labels, alpha, ignore_index, reduction, mask, backend)
     device_type = student.device.type

@@ -265,6 +265,19 @@ class _EagerFusedLoss(torch.autograd.Function):
         return (None, None, *grads, *([None] * (ctx.inputs - len(grads))))
 
 
+def eager_op(op: str):
+    """The C++ autograd twin of `kdplug::op` (kdplug::<op>_eager), or None where the extension
+    has none (a build from before it)."""
+    if op not in _eager_ops:
+        name = f"{op}_eager"
+        _eager_ops[op] = (getattr(torch.ops.kdplug, name).default
+                          if torch._C._dispatch_has_kernel(f"kdplug::{name}") else None)
+    return _eager_ops[op]
+
+
+_eager_ops: dict = {}
+
+
 def call_fused(op, per_row: bool, wants_grad: bool, *inputs):
     """The loss of `op(*inputs)` (loss first, then the gradients of the leading inputs, as the
     kd_loss ops return them), with autograd when a gradient is wanted."""
@@ -272,6 +285,12 @@ def call_fused(op, per_row: bool, wants_grad: bool, *inputs):
         return op(*inputs)[0]
     if torch.compiler.is_compiling():  # the op's registered autograd, which the tracer knows
         return op(*inputs)[0]
+    if not per_row and inputs[0].device.type == "cpu":
+        # autograd in C++ (csrc/kd_loss_eager.cpp): the Python node below costs more than the
+        # kernel on small batches. On a GPU the Python node stays, for its unit-gradient mark.
+        eager = eager_op(op.name().split("::", 1)[1])
+        if eager is not None:
+            return eager(*inputs)
     return _EagerFusedLoss.apply(op, per_row, *inputs)
 
 

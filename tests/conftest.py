@@ -31,6 +31,8 @@ def pytest_sessionstart(session):
     for op in ("kd_loss_fwd", "kd_loss_topk_fwd"):
         missing += [f"kdplug::{op} for {key}" for key in devices
                     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kdplug::{op}", key)]
+    if not torch._C._dispatch_has_kernel("kdplug::kd_loss_fwd_eager"):
+        missing.append("kdplug::kd_loss_fwd_eager (the C++ autograd of CPU calls)")
     if missing:
         pytest.exit("KDPLUG_REQUIRE_NATIVE=1 but the native build is missing: "
                     + "; ".join(missing), returncode=1)
