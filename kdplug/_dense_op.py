@@ -120,16 +120,23 @@ _FAST_BACKENDS = ("auto", "native")
 _NUMBERS = (float, int)
 
 
-def _fast_path(student, teacher, temperature, divergence, beta, reduction, backend):
-    """The common eager CPU call (2-D contiguous logits, a plain number T, no labels or mask, a
-    reduced loss) straight to the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand
-    in for check_inputs; None when the call is anything else. On a small batch the Python checks
-    and dispatch above cost as much as the kernel (most of it in cold caches, as in a training
-    step, where the model's work evicts them between calls)."""
+def _fast_path(student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
+               reduction, mask, backend):
+    """The common eager CPU call (2-D contiguous logits, plain numbers, every tensor on the CPU
+    (one elsewhere would pick another kernel), int64 labels if any, a reduced loss) straight to the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand
+    in for check_inputs (the labels' values included: the CPU kernel checks them before it
+    computes); None when the call is anything else. On a small batch the Python checks and
+    dispatch above cost as much as the kernel (most of it in cold caches, as in a training step,
+    where the model's work evicts them between calls)."""
     code = DIVERGENCES.get(divergence) if type(divergence) is str else None
     if (code is None or reduction not in _FAST_REDUCTIONS or backend not in _FAST_BACKENDS
             or type(student) is not torch.Tensor or type(teacher) is not torch.Tensor
             or type(temperature) not in _NUMBERS or type(beta) not in _NUMBERS
+            or type(alpha) not in _NUMBERS or type(ignore_index) is not int
+            or not (labels is None or (type(labels) is torch.Tensor
+                                       and labels.dtype == torch.int64
+                                       and labels.device.type == "cpu"))
+            or not (mask is None or (type(mask) is torch.Tensor and mask.device.type == "cpu"))
             or student.device.type != "cpu" or teacher.device.type != "cpu" or student.dim() != 2
             or not student.is_contiguous() or not teacher.is_contiguous()
             or torch.compiler.is_compiling()
@@ -139,21 +146,20 @@ def _fast_path(student, teacher, temperature, divergence, beta, reduction, backe
     if eager is None:
         return None
     grad = torch.is_grad_enabled()
-    return eager(student, teacher, temperature, code, beta, None, 1.0, -100, None,
+    return eager(student, teacher, temperature, code, beta, labels, alpha, ignore_index, mask,
                  _FAST_REDUCTIONS[reduction], None, grad and student.requires_grad,
                  grad and teacher.requires_grad)
 
 
 def _run(api, student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
          reduction, mask, backend):
-    if labels is None and mask is None and type(alpha) in _NUMBERS and alpha == 1:
-        try:
-            loss = _fast_path(student, teacher, temperature, divergence, beta, reduction,
-                              backend)
-        except (RuntimeError, ValueError, TypeError):
-            loss = None  # the full path below raises its own error (or finds the call fine)
-        if loss is not None:
-            return loss
+    try:
+        loss = _fast_path(student, teacher, temperature, divergence, beta, labels, alpha,
+                          ignore_index, reduction, mask, backend)
+    except (RuntimeError, ValueError, TypeError):
+        loss = None  # the full path below raises its own error (or finds the call fine)
+    if loss is not None:
+        return loss
     temperature, beta, alpha = check_inputs(api, student, teacher, temperature, divergence, beta,
                                             labels, alpha, ignore_index, reduction, mask, backend)
     device_type = student.device.type

@@ -129,13 +129,27 @@ def test_without_grad_there_is_no_node_and_the_same_loss(cpu_capability):
 
 
 @needs_native
-def test_the_fast_path_gives_the_full_paths_numbers_bit_for_bit(cpu_capability, monkeypatch):
+@pytest.mark.parametrize("kwargs", [
+    dict(divergence="jsd", beta=0.3),
+    dict(labels=torch.arange(33) % 100, alpha=0.4, ignore_index=7, reduction="sum"),
+    dict(mask=torch.arange(33) % 3 > 0, divergence="reverse_kl"),
+    dict(labels=torch.arange(33) % 100, alpha=1.0, mask=torch.arange(33) % 2 > 0),
+])
+def test_the_fast_path_gives_the_full_paths_numbers_bit_for_bit(cpu_capability, monkeypatch,
+                                                               kwargs):
     student, teacher = logits(33, 100)
-    fast = grads_of(lambda s, t: kd_loss(s, t, 3.0, divergence="jsd", beta=0.3), student,
-                    teacher, True, True)
+    taken = []
+    fast_path = _dense_op._fast_path
+
+    def spy(*args):
+        taken.append(fast_path(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(_dense_op, "_fast_path", spy)
+    fast = grads_of(lambda s, t: kd_loss(s, t, 3.0, **kwargs), student, teacher, True, True)
+    assert taken[-1] is not None  # the call went the fast way
     monkeypatch.setattr(_dense_op, "_fast_path", lambda *args: None)
-    full = grads_of(lambda s, t: kd_loss(s, t, 3.0, divergence="jsd", beta=0.3), student,
-                    teacher, True, True)
+    full = grads_of(lambda s, t: kd_loss(s, t, 3.0, **kwargs), student, teacher, True, True)
     for a, b in zip(fast[:3], full[:3]):
         assert torch.equal(a, b)
 
@@ -163,6 +177,24 @@ BAD_CALLS = {
     "unknown reduction": lambda s, t: kd_kl_div(s, t, reduction="mean"),
     "unknown backend": lambda s, t: kd_kl_div(s, t, backend="cuda"),
     "alpha without labels": lambda s, t: kd_loss(s, t, alpha=0.5),
+    "alpha 1.5": lambda s, t: kd_loss(s, t, labels=torch.zeros(3, dtype=torch.long), alpha=1.5),
+    "alpha nan": lambda s, t: kd_loss(s, t, labels=torch.zeros(3, dtype=torch.long),
+                                      alpha=float("nan")),
+    "label past the classes": lambda s, t: kd_loss(s, t, labels=torch.tensor([0, 5, 1]),
+                                                   alpha=0.5),
+    "negative label": lambda s, t: kd_loss(s, t, labels=torch.tensor([0, -1, 1]), alpha=0.5),
+    "labels shaped wrong": lambda s, t: kd_loss(s, t, labels=torch.zeros(4, dtype=torch.long),
+                                                alpha=0.5),
+    "labels of floats": lambda s, t: kd_loss(s, t, labels=torch.zeros(3), alpha=0.5),
+    "labels on meta": lambda s, t: kd_loss(s, t, labels=torch.zeros(3, dtype=torch.long,
+                                                                    device="meta"), alpha=0.5),
+    "ignore_index str": lambda s, t: kd_loss(s, t, labels=torch.zeros(3, dtype=torch.long),
+                                             alpha=0.5, ignore_index="-100"),
+    "mask of ints": lambda s, t: kd_kl_div(s, t, mask=torch.ones(3, dtype=torch.long)),
+    "mask shaped wrong": lambda s, t: kd_kl_div(s, t, mask=torch.ones(2, dtype=torch.bool)),
+    "mask not a tensor": lambda s, t: kd_kl_div(s, t, mask=[True, True, True]),
+    "mask on meta": lambda s, t: kd_kl_div(s, t, mask=torch.ones(3, dtype=torch.bool,
+                                                                 device="meta")),
 }
 
 
