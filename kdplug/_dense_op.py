@@ -123,11 +123,12 @@ _NUMBERS = (float, int)
 def _fast_path(student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
                reduction, mask, backend):
     """The common eager CPU call (2-D contiguous logits, plain numbers, every tensor on the CPU
-    (one elsewhere would pick another kernel), int64 labels if any, a reduced loss) straight to the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand
-    in for check_inputs (the labels' values included: the CPU kernel checks them before it
-    computes); None when the call is anything else. On a small batch the Python checks and
-    dispatch above cost as much as the kernel (most of it in cold caches, as in a training step,
-    where the model's work evicts them between calls)."""
+    (one elsewhere would pick another kernel), int64 labels if any, a reduced loss) straight to
+    the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand in for check_inputs (the
+    labels' values included: the CPU kernel checks them before it computes); None when the call
+    is anything else. On a small batch the Python checks and dispatch above cost as much as the
+    kernel (most of it in cold caches, as in a training step, where the model's work evicts them
+    between calls)."""
     code = DIVERGENCES.get(divergence) if type(divergence) is str else None
     if (code is None or reduction not in _FAST_REDUCTIONS or backend not in _FAST_BACKENDS
             or type(student) is not torch.Tensor or type(teacher) is not torch.Tensor
