@@ -8,6 +8,7 @@
 #endif
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/version.h>
@@ -282,6 +283,16 @@ class NoDenormals {
   unsigned saved_;
 #endif
 };
+
+// at::parallel_for with NoDenormals on every thread, for each chunk it runs: the one way the
+// fast kernels spread their work.
+template <typename F>
+inline void parallel_for_flushed(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const NoDenormals no_denormals;
+    f(chunk_begin, chunk_end);
+  });
+}
 
 // Asks for the cache line kPrefetchWriteBytes past p, to be written. The gradients are written to
 // memory the caches have not seen since it was allocated (or since other work evicted it): each

@@ -297,8 +297,7 @@ void dense_rows(const DenseProblem& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / cols);
   float* loss_rows = static_cast<float*>(p.loss_rows);
   const bool wants_grads = p.grad_student || p.grad_teacher;
-  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-    const NoDenormals no_denormals;
+  parallel_for_flushed(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     // Padded by a vector: a row's tail stores whole vectors.
     const int64_t len = cols + kVec;
     const bool mixture = KIND == kMixture && wants_grads;
@@ -397,8 +396,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
   const KeptFactors no_factors{0.f, 0.f, 0.f};
 
   std::vector<StretchStats> partial(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const NoDenormals no_denormals;
+  parallel_for_flushed(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       if (!active(task / chunks)) continue;
       int64_t at, n;
@@ -427,8 +425,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
   }
   if constexpr (KIND == kMixture) {
     std::vector<RowTerms> terms(tasks, row_terms_empty<float>());
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      const NoDenormals no_denormals;
+    parallel_for_flushed(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         if (!active(task / chunks) || !finite[task / chunks]) continue;
         int64_t at, n;
@@ -451,8 +448,7 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
                                : NAN;
   }
   if (!p.grad_student && !p.grad_teacher) return;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const NoDenormals no_denormals;
+  parallel_for_flushed(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / chunks;
       int64_t at, n;

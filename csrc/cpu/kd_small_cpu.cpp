@@ -204,8 +204,7 @@ void small_blocks(const DenseProblem& p) {
   T* gt_all = static_cast<T*>(p.grad_teacher);
   float* loss_rows = static_cast<float*>(p.loss_rows);
   constexpr bool mixture = KIND == kMixture;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    const NoDenormals no_denormals;
+  parallel_for_flushed(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t plane = cols * R;  // one class-major [cols][R] array
     std::vector<float> scratch(plane * 8);
     float* bs = scratch.data();  // student logits

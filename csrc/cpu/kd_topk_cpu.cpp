@@ -95,8 +95,7 @@ void topk_rows(const TopkProblem& a) {
   const T* student = static_cast<const T*>(p.student);
   T* grads = static_cast<T*>(p.grad_student);
   float* loss_rows = static_cast<float*>(p.loss_rows);
-  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    const NoDenormals no_denormals;
+  parallel_for_flushed(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> sorted(k);
     // exp(x - max_x) of every class (padded), and exp(s - max_s) when the hard label needs it
     std::vector<float> keep_x(cols + kVec + 1), keep_s(c.ce_separate ? cols + kVec : 0);
