@@ -1,9 +1,10 @@
 // kdplug::kd_loss_fwd_eager: kd_loss_fwd's loss with its autograd in C++, for eager calls on the
-// CPU with a reduced loss (kdplug/_op_support.py: call_fused). The Python autograd.Function it
-// replaces there costs most of a small batch's step: measured at 8192 x 10, forward+backward
-// after other work has evicted the caches, the kernel alone took ~0.16 ms and the Python node
-// another ~0.14 ms. torch.compile and opcheck never see this op: they trace kd_loss_fwd and its
-// registered autograd, whose numbers this matches (same kernel, same scaling of the gradient).
+// CPU with a reduced loss (kdplug/_dense_op.py: _fast_path; kdplug/_op_support.py: call_fused).
+// The Python autograd.Function it replaces there costs most of a small batch's step: measured at
+// 8192 x 10, forward+backward after other work has evicted the caches, the kernel alone took
+// ~0.16 ms and the Python node another ~0.14 ms. torch.compile traces kd_loss_fwd and its
+// registered autograd instead, whose numbers this matches (same kernel, same scaling of the
+// gradient); this op passes opcheck too (tests/test_eager_autograd.py).
 #include <torch/autograd.h>
 #include <torch/library.h>
 

@@ -146,10 +146,8 @@ def _fast_path(student, teacher, temperature, divergence, beta, labels, alpha, i
     eager = support.eager_op(OP)
     if eager is None:
         return None
-    grad = torch.is_grad_enabled()
     return eager(student, teacher, temperature, code, beta, labels, alpha, ignore_index, mask,
-                 _FAST_REDUCTIONS[reduction], None, grad and student.requires_grad,
-                 grad and teacher.requires_grad)
+                 _FAST_REDUCTIONS[reduction], None, _wants_grad(student), _wants_grad(teacher))
 
 
 def _run(api, student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
