@@ -68,6 +68,7 @@ std::vector<double> math_rates(int64_t reps) {
   return {rate(neg, reps, [](const Vec& v) { return v; }),
           rate(neg, reps, [](const Vec& v) { return kdplug::cpu::fast_exp(v); }),
           rate(pos, reps, [](const Vec& v) { return kdplug::cpu::fast_log(v); }),
+          rate(pos, reps, [](const Vec& v) { return kdplug::cpu::mixture_log(v); }),
           rate(pos, reps, [](const Vec& v) { return Vec(1.f) / v; }),
           rate(pos, reps, [](const Vec& v) { return kdplug::KdLane<Vec>::div_mixture(Vec(1.f), v); })};
 }
@@ -91,7 +92,7 @@ def op_ms(n, c, dtype, repeats):
 
 # exps, logs and divisions per element of each divergence's sweeps (csrc/cpu/kd_dense_cpu.cpp with
 # csrc/kd_math.h): every divergence takes one exp of the student and one of the teacher; jsd and
-# the skews one log of the mixture; the skews one division by it.
+# the skews one log of the mixture (mixture_log); the skews one division by it.
 COUNTS = {"kl": (2, 0, 0), "reverse_kl": (2, 0, 0), "tvd": (2, 0, 0), "jsd": (2, 1, 0),
           "skew_kl": (2, 1, 1), "skew_reverse_kl": (2, 1, 1)}
 
@@ -106,9 +107,10 @@ def main():
     torch.set_num_threads(1)
     n, c = (int(v) for v in args.shape.lower().split("x"))
 
-    loop, exp, log, plain_div, div = compile_math(args.capability).math_rates(4000)
+    loop, exp, full_log, log, plain_div, div = compile_math(args.capability).math_rates(4000)
     print(f"one core, {args.capability}: elements/s (10^9) of a copy {loop / 1e9:.2f}, "
-          f"fast_exp {exp / 1e9:.2f}, fast_log {log / 1e9:.2f}, division {plain_div / 1e9:.2f}, "
+          f"fast_exp {exp / 1e9:.2f}, fast_log {full_log / 1e9:.2f}, the mixtures' log "
+          f"(mixture_log) {log / 1e9:.2f}, division {plain_div / 1e9:.2f}, "
           f"the skews' division (div_mixture) {div / 1e9:.2f}")
     ms = op_ms(n, c, getattr(torch, args.dtype), args.repeats)
     print(f"\nkd_loss forward+backward, {n}x{c} {args.dtype}, one thread (CPU ms, medians):")

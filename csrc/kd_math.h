@@ -61,6 +61,8 @@ KD_HD double kd_log(double v) { return log(v); }
 template <typename V>
 struct KdLane {
   static KD_HD V where_pos(V c, V a) { return c > V(0) ? a : V(0); }  // a where c > 0, else 0
+  // a where c1 > 0 and c2 > 0, else 0
+  static KD_HD V where_both_pos(V c1, V c2, V a) { return c1 > V(0) && c2 > V(0) ? a : V(0); }
   // log of a mixture m in [0, 1]; the callers drop every class whose m is 0 (where_pos), so its
   // value there is free (the CPU's vectors skip the fix-ups of log 0 and log inf)
   static KD_HD V log_mixture(V v) { return kd_log(v); }
@@ -114,29 +116,29 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
   } else if constexpr (DIV == kJSD) {
     // A mixture that underflows to 0 (p or q a denormal times β) drops the class: its terms
     // weigh less than 1e-38, and log 0 would make them infinite.
-    const V m = beta * p + (one - beta) * q;
+    // value = pg + qg exactly: the CPU's sweeps sum pg and qg and skip summing the value.
+    const V bp = beta * p, bq = (one - beta) * q;
+    const V m = bp + bq;
     const V log_m = L::log_mixture(m);
-    const V pm = L::where_pos(m, p), qm = L::where_pos(m, q);
-    const V a = L::where_pos(pm, pm * (log_p - log_m));  // p's part, KL(p ‖ m)
-    const V b = L::where_pos(qm, qm * (log_q - log_m));  // q's part, KL(q ‖ m)
-    return {beta * a + (one - beta) * b, (one - beta) * b, beta * a};
+    const V pg = L::where_both_pos(m, bp, bp * (log_p - log_m));  // β KL(p ‖ m)'s share
+    const V qg = L::where_both_pos(m, bq, bq * (log_q - log_m));  // (1-β) KL(q ‖ m)'s share
+    return {pg + qg, qg, pg};
   } else if constexpr (DIV == kTVD) {
     const V d = p - q;
     const V half_sign = V(0.5f) * L::sign(d);
     return {V(0.5f) * L::abs(d), zero - q * half_sign, p * half_sign};
   } else if constexpr (DIV == kSkewKL) {
     const V m = beta * p + (one - beta) * q;
-    const V pm = L::where_pos(m, p);  // as for jsd: an underflowed mixture drops the class
-    const V v = L::where_pos(pm, pm * (log_p - L::log_mixture(m)));
-    const V w = L::where_pos(pm, L::div_mixture(pm, m));
-    return {v, zero - (one - beta) * q * w, v - beta * pm * w};
+    // as for jsd: an underflowed mixture drops the class
+    const V v = L::where_both_pos(m, p, p * (log_p - L::log_mixture(m)));
+    const V w = L::where_both_pos(m, p, L::div_mixture(p, m));
+    return {v, zero - (one - beta) * q * w, v - beta * p * w};
   } else {
     static_assert(DIV == kSkewReverseKL, "unknown divergence");
     const V m = beta * q + (one - beta) * p;
-    const V qm = L::where_pos(m, q);
-    const V v = L::where_pos(qm, qm * (log_q - L::log_mixture(m)));
-    const V w = L::where_pos(qm, L::div_mixture(qm, m));
-    return {v, v - beta * qm * w, zero - (one - beta) * p * w};
+    const V v = L::where_both_pos(m, q, q * (log_q - L::log_mixture(m)));
+    const V w = L::where_both_pos(m, q, L::div_mixture(q, m));
+    return {v, v - beta * q * w, zero - (one - beta) * p * w};
   }
 }
 

@@ -188,13 +188,14 @@ RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, c
     const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
     const ClassTerms<Vec> ct =
         divergence_terms<DIV>(pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res), vbeta);
-    value = value + ct.value;
+    if constexpr (DIV != kJSD) value = value + ct.value;  // jsd's value is qg + pg
     gq = gq + ct.qg;
     gp = gp + ct.pg;
     if (keep.qg) ct.qg.store(keep.qg + i);
     if (keep.pg) ct.pg.store(keep.pg + i);
   }
-  return {hsum(value), hsum(gq), hsum(gp)};
+  const float sum_gq = hsum(gq), sum_gp = hsum(gp);
+  return {DIV == kJSD ? sum_gq + sum_gp : hsum(value), sum_gq, sum_gp};
 }
 
 // The mixture divergences' terms sweep, with the divergence picked once per stretch.
