@@ -251,6 +251,29 @@ def test_jsd_beta_is_trl_and_liger_beta_at_t_1(backend, beta):
                                .double(), trl.mean(), rtol=1e-5, atol=1e-7)
 
 
+@needs_native
+@pytest.mark.parametrize("name", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("classes", [2, 300])  # the small-class kernel and the dense one
+def test_mixture_log_holds_in_every_interval_of_its_table(name, classes):
+    """The CPU kernels take log m from a 16-entry table picked by m's top mantissa bits
+    (mixture_log, csrc/cpu/cpu_common.h). Rows whose first class has mixtures swept finely over
+    (0, 1), with p and q far apart (a divergence of size ~0.1 to 1, where a wrong entry or
+    a coarse polynomial would show), match float64 per row to 1e-5 (4e-6 absolute: the
+    float32 log-probabilities' own rounding)."""
+    rows = 4096
+    p0 = torch.linspace(1e-3, 1 - 1e-3, rows, dtype=torch.float64)
+    q0 = (p0 * 2.3).remainder(1.0).clamp(1e-3, 1 - 1e-3)  # far from p0 in most rows
+    t = torch.full((rows, classes), -12.0, dtype=torch.float64)
+    s = t.clone()
+    t[:, 0], t[:, 1] = p0.log(), (1 - p0).log()
+    s[:, 0], s[:, 1] = q0.log(), (1 - q0).log()
+    s, t = s.float(), t.float()
+    for beta in (0.3, 0.5):
+        ours = kd_loss(s, t, 1.0, divergence=name, beta=beta, reduction="none", backend="native")
+        ref = reference(s, t, 1.0, name, beta=beta, reduction="none")
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=4e-6)
+
+
 def test_kl_is_kd_kl_div_and_skews_reduce_to_kl():
     s, t, _ = make((8, 40), torch.float32, "cpu")
     torch.testing.assert_close(kd_loss(s, t, 2.0), kd_kl_div(s, t, 2.0))
