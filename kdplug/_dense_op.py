@@ -1,11 +1,13 @@
 """kd_loss and kd_kl_div: a dense teacher, through kdplug::kd_loss_fwd or pure PyTorch."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import _ext
 from . import _op_support as support
 from ._divergences import combine_rows, divergence_rows, hard_label_rows
 from ._op_support import DIVERGENCES, REDUCTIONS
@@ -118,6 +120,27 @@ def native_path(student, teacher, temperature, divergence, beta, labels, alpha, 
 _FAST_REDUCTIONS = {"batchmean": REDUCTIONS["batchmean"], "sum": REDUCTIONS["sum"]}
 _FAST_BACKENDS = ("auto", "native")
 _NUMBERS = (float, int)
+_Tensor = torch.Tensor
+_int64 = torch.int64
+_is_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_environ = os.environ
+
+# (the extension status it was looked up under, kd_loss_fwd_eager's C++ callable or None)
+_fast_op = (None, None)
+
+
+def _native_cpu_op():
+    """kd_loss_fwd_eager's C++ callable (the OpOverload's own, without its Python __call__)
+    when the native op runs on the CPU in this process, else None. Looked up once per extension
+    status: tests reset the status to load the op another way."""
+    global _fast_op
+    op = None
+    if support.native_available(OP, "cpu"):  # loads the extension if nothing did yet
+        eager = support.eager_op(OP)
+        op = None if eager is None else eager._op
+    _fast_op = (_ext._status, op)
+    return op
 
 
 def _fast_path(student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
@@ -127,27 +150,31 @@ def _fast_path(student, teacher, temperature, divergence, beta, labels, alpha, i
     the op's C++ autograd (csrc/kd_loss_eager.cpp), whose checks stand in for check_inputs (the
     labels' values included: the CPU kernel checks them before it computes); None when the call
     is anything else. On a small batch the Python checks and dispatch above cost as much as the
-    kernel (most of it in cold caches, as in a training step, where the model's work evicts them
-    between calls)."""
+    kernel, most of it in cold caches (as in a training step, where the model's work evicts
+    them between calls), where every Python call, attribute and object touched costs a cache
+    miss: so this path is one frame of plain checks, its answers looked up once."""
+    if _is_compiling():  # first: the tracer sees nothing else here
+        return None
+    status, op = _fast_op
+    if status is None or status is not _ext._status:
+        op = _native_cpu_op()
     code = DIVERGENCES.get(divergence) if type(divergence) is str else None
-    if (code is None or reduction not in _FAST_REDUCTIONS or backend not in _FAST_BACKENDS
-            or type(student) is not torch.Tensor or type(teacher) is not torch.Tensor
+    if (op is None or code is None or backend not in _FAST_BACKENDS
+            or reduction not in _FAST_REDUCTIONS
+            or type(student) is not _Tensor or type(teacher) is not _Tensor
+            or not student.is_cpu or not teacher.is_cpu or student.dim() != 2
+            or not student.is_contiguous() or not teacher.is_contiguous()
             or type(temperature) not in _NUMBERS or type(beta) not in _NUMBERS
             or type(alpha) not in _NUMBERS or type(ignore_index) is not int
-            or not (labels is None or (type(labels) is torch.Tensor
-                                       and labels.dtype == torch.int64
-                                       and labels.device.type == "cpu"))
-            or not (mask is None or (type(mask) is torch.Tensor and mask.device.type == "cpu"))
-            or student.device.type != "cpu" or teacher.device.type != "cpu" or student.dim() != 2
-            or not student.is_contiguous() or not teacher.is_contiguous()
-            or torch.compiler.is_compiling()
-            or support.choose_backend(API, OP, backend, "cpu", True) != "native"):
+            or not (labels is None or (type(labels) is _Tensor and labels.dtype == _int64
+                                       and labels.is_cpu))
+            or not (mask is None or (type(mask) is _Tensor and mask.is_cpu))
+            or (_environ.get(_ext.FORCE_TORCH_ENV) and _ext._env_flag(_ext.FORCE_TORCH_ENV))):
         return None
-    eager = support.eager_op(OP)
-    if eager is None:
-        return None
-    return eager(student, teacher, temperature, code, beta, labels, alpha, ignore_index, mask,
-                 _FAST_REDUCTIONS[reduction], None, _wants_grad(student), _wants_grad(teacher))
+    grad = _is_grad_enabled()
+    return op(student, teacher, temperature, code, beta, labels, alpha, ignore_index, mask,
+              _FAST_REDUCTIONS[reduction], None, grad and student.requires_grad,
+              grad and teacher.requires_grad)
 
 
 def _run(api, student, teacher, temperature, divergence, beta, labels, alpha, ignore_index,
