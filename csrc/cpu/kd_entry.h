@@ -37,13 +37,22 @@ inline DenseProblem dense_problem(const at::Tensor& student, const KdLossOptions
   return p;
 }
 
-// The op's loss from its rows (already carrying their factors), summed in double on the host.
+// The op's loss from its rows (already carrying their factors), summed in double on the host,
+// in eight interleaved partial sums (one chain of dependent adds, 4 cycles each, took ~10 us at
+// 8192 rows, as long as a tenth of the kernel there); the same order every call.
 template <typename acc_t>
 at::Tensor reduce_rows_host(const at::Tensor& loss_rows, int64_t reduction) {
   if (reduction == kNone) return loss_rows;
   const acc_t* rows = loss_rows.data_ptr<acc_t>();
-  double total = 0.0;
-  for (int64_t r = 0, n = loss_rows.numel(); r < n; ++r) total += rows[r];
+  constexpr int64_t kLanes = 8;
+  double partial[kLanes] = {};
+  const int64_t n = loss_rows.numel(), whole = n - n % kLanes;
+  for (int64_t r = 0; r < whole; r += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += rows[r + j];
+  }
+  for (int64_t r = whole; r < n; ++r) partial[r - whole] += rows[r];
+  const double total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+                       ((partial[4] + partial[5]) + (partial[6] + partial[7]));
   return at::scalar_tensor(total, loss_rows.options());
 }
 
