@@ -116,7 +116,7 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
   } else if constexpr (DIV == kJSD) {
     // A mixture that underflows to 0 (p or q a denormal times β) drops the class: its terms
     // weigh less than 1e-38, and log 0 would make them infinite.
-    // value = pg + qg exactly: the CPU's sweeps sum pg and qg and skip summing the value.
+    // value = pg + qg exactly: the CPU's dense sweep sums pg and qg, not the value too.
     const V bp = beta * p, bq = (one - beta) * q;
     const V m = bp + bq;
     const V log_m = L::log_mixture(m);
