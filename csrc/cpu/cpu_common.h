@@ -49,10 +49,11 @@ constexpr float kLog[7] = {0.08699174225330353f,  -0.1426648050546646f, 0.149147
 }  // namespace fastmath
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline Vec fast_exp(const Vec& v) {
+// exp of v in [-104, 88.72] (or NaN): fast_exp without its clamps, for callers whose arguments
+// are x - max <= 0 and clamp them below themselves (csrc/cpu/kd_small_cpu.cpp).
+inline Vec exp_in_range(const Vec& v) {
   using namespace fastmath;
-  // max(lo, v) and min(hi, .) return their second operand for NaN: NaN goes through.
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 x = v;
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
@@ -60,6 +61,14 @@ inline Vec fast_exp(const Vec& v) {
   __m512 p = _mm512_set1_ps(kExp[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp[i]));
   return _mm512_scalef_ps(p, n);  // p * 2^n, with IEEE underflow to 0
+}
+
+// max(lo, v) returns its second operand for NaN: NaN goes through (one instruction).
+inline Vec clamp_low(const Vec& lo, const Vec& v) { return _mm512_max_ps(lo, v); }
+
+inline Vec fast_exp(const Vec& v) {
+  // exp(-104) is below half the least denormal: -inf and everything below come out 0
+  return exp_in_range(_mm512_min_ps(_mm512_set1_ps(88.72f), clamp_low(Vec(-104.f), v)));
 }
 
 // SPECIAL_VALUES false: for x in (0, inf) only (0 and inf come out NaN), four instructions less.
@@ -185,6 +194,8 @@ template <bool SPECIAL_VALUES = true>
 inline Vec fast_log(const Vec& v) { return v.log(); }
 #endif
 #if !defined(CPU_CAPABILITY_AVX512)
+inline Vec exp_in_range(const Vec& v) { return fast_exp(v); }  // (which clamps again)
+inline Vec clamp_low(const Vec& lo, const Vec& v) { return at::vec::maximum(lo, v); }
 inline Vec mixture_log(const Vec& v) { return fast_log<false>(v); }
 #endif
 

@@ -248,14 +248,21 @@ void small_blocks(const DenseProblem& p) {
       const Vec vmax_t = block_in(t_all + r0 * cols, cols, on, bt);
       RowStatsT<Vec> st{vmax_s * vinv, zero, vmax_t * vinv, zero, zero};
       Vec sum_s(0.f);
+      // The per-class work of the whole kernel is here (two exps per class), so it is kept
+      // lean: x - max_x as one FMA of the logit (rounded once), the exps' arguments clamped
+      // below here (they are <= 0, so no upper clamp), and kl's and reverse kl's cross term
+      // taken against the maxima, as sum e_y (dy - dx), which the maxima cancel out of below.
+      const Vec lowest(-104.f);
       for (int64_t k = 0; k < cols; ++k) {
         const Vec sv = Vec::loadu(bs + k * R);
-        const Vec x = sv * vinv, y = Vec::loadu(bt + k * R) * vinv;
-        const Vec exv = fast_exp(x - st.max_x), eyv = fast_exp(y - st.max_y);
+        const Vec dx = at::vec::fmsub(sv, vinv, st.max_x);
+        const Vec dy = at::vec::fmsub(Vec::loadu(bt + k * R), vinv, st.max_y);
+        const Vec exv = exp_in_range(clamp_low(lowest, dx));
+        const Vec eyv = exp_in_range(clamp_low(lowest, dy));
         st.sum_x = st.sum_x + exv;
         st.sum_y = st.sum_y + eyv;
-        if constexpr (KIND == kKL) st.cross = add_weighted(st.cross, eyv, y - x);
-        if constexpr (KIND == kReverseKL) st.cross = add_weighted(st.cross, exv, x - y);
+        if constexpr (KIND == kKL) st.cross = add_weighted(st.cross, eyv, dy - dx);
+        if constexpr (KIND == kReverseKL) st.cross = add_weighted(st.cross, exv, dx - dy);
         exv.store(ex + k * R);
         eyv.store(ey + k * R);
         if (c.ce_separate) {
@@ -272,7 +279,8 @@ void small_blocks(const DenseProblem& p) {
           return block_terms<decltype(d)::value>(cols, bs, bt, ex, ey, fq, fp, res, c, qg, pg);
         });
       } else {
-        terms = online_row_terms<KIND>(st, res);
+        // (the cross term is relative to the maxima: so are the log-sum-exps it meets)
+        terms = online_row_terms<KIND>(st, {zero, res.log_sum_x, zero, res.log_sum_y});
       }
       // The hard-label term's log-sum-exp at T = 1 and its value per lane.
       const Vec ce_max = c.ce_separate ? vmax_s : res.max_x;
