@@ -270,8 +270,12 @@ def eager_op(op: str):
     has none (a build from before it)."""
     if op not in _eager_ops:
         name = f"{op}_eager"
-        _eager_ops[op] = (getattr(torch.ops.kdplug, name).default
-                          if torch._C._dispatch_has_kernel(f"kdplug::{name}") else None)
+        if not torch._C._dispatch_has_kernel(f"kdplug::{name}"):
+            # remembered only once the extension has loaded: asked before, it may come yet
+            if _ext._status is not None:
+                _eager_ops[op] = None
+            return None
+        _eager_ops[op] = getattr(torch.ops.kdplug, name).default
     return _eager_ops[op]
 
 

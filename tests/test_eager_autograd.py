@@ -230,3 +230,22 @@ def test_opcheck_the_cpp_op(dtype, divergence, with_labels, wants):
     args = (student.requires_grad_(wants[0]), teacher.requires_grad_(wants[1]), 2.0,
             divergence, 0.5, labels, 0.3 if with_labels else 1.0, -100, mask, 2, None, *wants)
     torch.library.opcheck(support.eager_op("kd_loss_fwd"), args)
+
+
+@needs_native
+def test_eager_op_asked_before_the_extension_loads_is_found_once_it_has(monkeypatch):
+    # Before the extension has loaded, the C++ op is not registered yet: that absence must not
+    # be remembered, or every later call would take the slower Python node.
+    has_kernel = torch._C._dispatch_has_kernel
+    monkeypatch.setattr(support, "_eager_ops", {})
+    monkeypatch.setattr(_ext, "_status", None)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel", lambda name: False)
+    assert support.eager_op("kd_loss_fwd") is None
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel", has_kernel)
+    assert support.eager_op("kd_loss_fwd") is torch.ops.kdplug.kd_loss_fwd_eager.default
+    # Once it has loaded, an op it lacks (an older build) is remembered as absent.
+    monkeypatch.setattr(_ext, "_status", _ext.native_status())
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel", lambda name: False)
+    assert support.eager_op("kd_loss_topk_fwd") is None
+    assert support._eager_ops == {"kd_loss_fwd": torch.ops.kdplug.kd_loss_fwd_eager.default,
+                                  "kd_loss_topk_fwd": None}
