@@ -60,7 +60,10 @@ def test_kd_loss_matches_the_float64_reference(backend, case):
     floor = (float32_floor(temperature, s.shape[-1], s.float())
              + (1 - case["alpha"]) * float32_floor(1.0, s.shape[-1], s.float()))
     low = s.dtype in LOW_PRECISION
-    assert_close_scaled(loss, ref_loss, 1e-4 if low else 2e-5, floor)
+    # (per row: a sum of rows adds up their errors, e.g. ~1e-7·T² per row of one class at T = 8,
+    # where every divergence is 0 and float32's log of the mixture is off by an ulp or two)
+    rows_summed = s.shape[0] if case["reduction"] == "sum" else 1
+    assert_close_scaled(loss, ref_loss, 1e-4 if low else 2e-5, floor * rows_summed)
     grad_tol = LOW_PRECISION.get(s.dtype, 2e-4 if temperature >= 100 else 2e-5)
     if name == "tvd":  # compared away from its kink, where float32 cannot tell p from q
         near_tie = tvd_near_tie(s, t, temperature)
