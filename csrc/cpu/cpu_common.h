@@ -50,7 +50,7 @@ constexpr float kLog[7] = {0.08699174225330353f,  -0.1426648050546646f, 0.149147
 
 #if defined(CPU_CAPABILITY_AVX512)
 // exp of v in [-104, 88.72] (or NaN): fast_exp without its clamps, for callers whose arguments
-// are x - max <= 0 and clamp them below themselves (csrc/cpu/kd_small_cpu.cpp).
+// are x - max <= 0 and clamp them below themselves (the statistics sweeps of the CPU kernels).
 inline Vec exp_in_range(const Vec& v) {
   using namespace fastmath;
   const __m512 x = v;

@@ -80,10 +80,12 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
   const Vec vinv(c.inv_t);
   // in registers: the stores below could alias them for all the compiler knows
   const bool keep_exps = keep.ex != nullptr, ce_separate = c.ce_separate;
-  const Vec ref_x(out.st.max_x == -INFINITY ? 0.f : out.st.max_x);
-  const Vec ref_y(out.st.max_y == -INFINITY ? 0.f : out.st.max_y);
+  const float ref_x_s = out.st.max_x == -INFINITY ? 0.f : out.st.max_x;
+  const float ref_y_s = out.st.max_y == -INFINITY ? 0.f : out.st.max_y;
+  const Vec ref_x(ref_x_s), ref_y(ref_y_s);
   const Vec ref_s(max_s == -INFINITY ? 0.f : max_s);
   Vec sum_x(0.f), sum_y(0.f), cross(0.f), sum_s(0.f);
+  const Vec lowest(-104.f);
   for (int64_t i = 0; i < n; i += kVec) {
     // The next stretch (rows are contiguous: the next row's start after a row's last stretch)
     // comes in from memory while this one computes in L1.
@@ -91,14 +93,15 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
     __builtin_prefetch(t + n + i);
     const int64_t m = std::min(kVec, n - i);
     const Vec sv = load_n(s + i, m, -INFINITY);
-    const Vec x = sv * vinv;
-    const Vec y = load_n(t + i, m, -INFINITY) * vinv;
-    const Vec ex = fast_exp(x - ref_x);
-    const Vec ey = fast_exp(y - ref_y);
+    // x - ref as one FMA of the logit; the arguments are <= 0 (or NaN): clamped below only
+    const Vec dx = at::vec::fmsub(sv, vinv, ref_x);
+    const Vec dy = at::vec::fmsub(load_n(t + i, m, -INFINITY), vinv, ref_y);
+    const Vec ex = exp_in_range(clamp_low(lowest, dx));
+    const Vec ey = exp_in_range(clamp_low(lowest, dy));
     sum_x = sum_x + ex;
     sum_y = sum_y + ey;
-    if constexpr (KIND == kKL) cross = add_weighted(cross, ey, y - x);
-    if constexpr (KIND == kReverseKL) cross = add_weighted(cross, ex, x - y);
+    if constexpr (KIND == kKL) cross = add_weighted(cross, ey, dy - dx);
+    if constexpr (KIND == kReverseKL) cross = add_weighted(cross, ex, dx - dy);
     if (keep_exps) {
       ex.store(keep.ex + i);
       ey.store(keep.ey + i);
@@ -111,7 +114,11 @@ StretchStats stretch_stats(const T* s, const T* t, int64_t n, const Consts& c, c
   }
   out.st.sum_x = hsum(sum_x);
   out.st.sum_y = hsum(sum_y);
+  // The cross term was summed against the references, sum e_y (dy - dx): back to sum e_y (y - x)
+  // (reverse kl: e_x, x - y), what the merges of stretches and rows take.
   out.st.cross = hsum(cross);
+  if constexpr (KIND == kKL) out.st.cross += (ref_y_s - ref_x_s) * out.st.sum_y;
+  if constexpr (KIND == kReverseKL) out.st.cross += (ref_x_s - ref_y_s) * out.st.sum_x;
   out.ce.sum = hsum(sum_s);
   return out;
 }
