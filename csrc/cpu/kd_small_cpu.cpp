@@ -173,8 +173,9 @@ __attribute__((always_inline)) inline void to_rows(__m512 v[10]) {
 
 // A block of R rows (`rows`, each `cols` long) into class-major float dst[k * R + r]; returns each
 // lane's maximum over the classes. Rows whose lane is off are never read: their lanes hold zeros
-// (on == nullptr: every lane is on). float rows go by masked loads and 16x16 transposes (AVX-512)
-// or masked gathers (AVX2), 16-bit rows element by element.
+// (on == nullptr: every lane is on). float rows go by masked loads and 16x16 transposes (AVX-512;
+// a full block of ten classes by ten::to_classes) or masked gathers (AVX2), 16-bit rows element
+// by element.
 template <int kClasses, typename T>
 Vec block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -186,7 +187,7 @@ Vec block_in(const T* rows, int64_t cols, const bool* on, float* dst) {
       ten::to_classes(v);
 #pragma GCC unroll 10
       for (int k = 0; k < 10; ++k) _mm512_storeu_ps(dst + k * R, v[k]);
-      // the maxima by a tree of pairs (nine vmaxps, two deep chains of four)
+      // the maxima by a tree of pairs: nine vmaxps, four deep
       const __m512 a = _mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
       const __m512 b = _mm512_max_ps(_mm512_max_ps(v[4], v[5]), _mm512_max_ps(v[6], v[7]));
       return Vec(_mm512_max_ps(_mm512_max_ps(a, b), _mm512_max_ps(v[8], v[9])));
