@@ -117,6 +117,26 @@ inline const Indices& indices() {
   return table;
 }
 
+// One forward level: out[2i + half] from the pair in[i], in[i + 5].
+__attribute__((always_inline)) inline void pairs_apart(const __m512 in[10],
+                                                       const __m512i idx[2], __m512 out[10]) {
+#pragma GCC unroll 5
+  for (int i = 0; i < 5; ++i) {
+    out[2 * i] = _mm512_permutex2var_ps(in[i], idx[0], in[i + 5]);
+    out[2 * i + 1] = _mm512_permutex2var_ps(in[i], idx[1], in[i + 5]);
+  }
+}
+
+// One backward level: out[i + 5 half] from the pair in[2i], in[2i + 1].
+__attribute__((always_inline)) inline void pairs_adjacent(const __m512 in[10],
+                                                          const __m512i idx[2], __m512 out[10]) {
+#pragma GCC unroll 5
+  for (int i = 0; i < 5; ++i) {
+    out[i] = _mm512_permutex2var_ps(in[2 * i], idx[0], in[2 * i + 1]);
+    out[i + 5] = _mm512_permutex2var_ps(in[2 * i], idx[1], in[2 * i + 1]);
+  }
+}
+
 // v: 16 rows of 10 classes, row-major, in; class k of the 16 rows in v[k], out.
 __attribute__((always_inline)) inline void to_classes(__m512 v[10]) {
   const Indices& ix = indices();
@@ -125,42 +145,18 @@ __attribute__((always_inline)) inline void to_classes(__m512 v[10]) {
   for (int o = 0; o < 10; ++o) {  // octet o of rows 0-7, beside octet o of rows 8-15
     p[o] = _mm512_shuffle_f32x4(v[o >> 1], v[(o >> 1) + 5], (o & 1) ? 0xEE : 0x44);
   }
-#pragma GCC unroll 5
-  for (int o = 0; o < 5; ++o) {
-    q[2 * o] = _mm512_permutex2var_ps(p[o], ix.fwd[0][0], p[o + 5]);
-    q[2 * o + 1] = _mm512_permutex2var_ps(p[o], ix.fwd[0][1], p[o + 5]);
-  }
-#pragma GCC unroll 5
-  for (int m = 0; m < 5; ++m) {
-    p[2 * m] = _mm512_permutex2var_ps(q[m], ix.fwd[1][0], q[m + 5]);
-    p[2 * m + 1] = _mm512_permutex2var_ps(q[m], ix.fwd[1][1], q[m + 5]);
-  }
-#pragma GCC unroll 5
-  for (int n = 0; n < 5; ++n) {
-    v[2 * n] = _mm512_permutex2var_ps(p[n], ix.fwd[2][0], p[n + 5]);
-    v[2 * n + 1] = _mm512_permutex2var_ps(p[n], ix.fwd[2][1], p[n + 5]);
-  }
+  pairs_apart(p, ix.fwd[0], q);
+  pairs_apart(q, ix.fwd[1], p);
+  pairs_apart(p, ix.fwd[2], v);
 }
 
 // The inverse of to_classes.
 __attribute__((always_inline)) inline void to_rows(__m512 v[10]) {
   const Indices& ix = indices();
   __m512 p[10], q[10];
-#pragma GCC unroll 5
-  for (int n = 0; n < 5; ++n) {
-    p[n] = _mm512_permutex2var_ps(v[2 * n], ix.bwd[2][0], v[2 * n + 1]);
-    p[n + 5] = _mm512_permutex2var_ps(v[2 * n], ix.bwd[2][1], v[2 * n + 1]);
-  }
-#pragma GCC unroll 5
-  for (int m = 0; m < 5; ++m) {
-    q[m] = _mm512_permutex2var_ps(p[2 * m], ix.bwd[1][0], p[2 * m + 1]);
-    q[m + 5] = _mm512_permutex2var_ps(p[2 * m], ix.bwd[1][1], p[2 * m + 1]);
-  }
-#pragma GCC unroll 5
-  for (int o = 0; o < 5; ++o) {
-    p[o] = _mm512_permutex2var_ps(q[2 * o], ix.bwd[0][0], q[2 * o + 1]);
-    p[o + 5] = _mm512_permutex2var_ps(q[2 * o], ix.bwd[0][1], q[2 * o + 1]);
-  }
+  pairs_adjacent(v, ix.bwd[2], p);
+  pairs_adjacent(p, ix.bwd[1], q);
+  pairs_adjacent(q, ix.bwd[0], p);
 #pragma GCC unroll 5
   for (int j = 0; j < 5; ++j) {
     v[j] = _mm512_shuffle_f32x4(p[2 * j], p[2 * j + 1], 0x44);
