@@ -99,14 +99,47 @@ struct ClassTerms {
   V value, qg, pg;
 };
 
-// p, q: the probabilities; log_p, log_q: their logs, from the row statistics (exact where p or q
-// underflows). A class where the weighting probability is 0 contributes 0 (0 · log 0 = 0); a
-// teacher p = 0 where q > 0 makes reverse_kl infinite, as the mathematics says. beta is the
-// mixing weight of jsd and the skews (ignored by the others).
-template <int DIV, typename V>
-KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
+// The weights each divergence's mixture m puts on p and on q, where they are not 1: jsd's
+// m = β p + (1 − β) q, skew_kl's β p + (1 − β) q (whose terms take p itself and (1 − β) q),
+// skew_reverse_kl's β q + (1 − β) p.
+template <typename acc_t>
+struct MixtureWeights {
+  acc_t p, q;
+};
+
+template <int DIV, typename acc_t>
+KD_HD MixtureWeights<acc_t> mixture_weights(acc_t beta) {
+  const acc_t one(1);
+  return {DIV == kJSD ? beta : DIV == kSkewReverseKL ? one - beta : one,
+          DIV == kJSD || DIV == kSkewKL ? one - beta : one};
+}
+
+// The skews, KL(a ‖ m) with m = β a + b_w and b_w = (1 − β) b: the value, a's own gradient term
+// and the other side's. As for jsd, a mixture that underflows drops the class (here a > 0 does
+// not imply m > 0: β a may underflow where a does not).
+template <typename V>
+struct SkewTerms {
+  V value, own, other;
+};
+
+template <typename V>
+KD_HD SkewTerms<V> skew_terms(V a, V b_w, V log_a, V beta) {
   using L = KdLane<V>;
-  const V zero(0), one(1);
+  const V m = beta * a + b_w;
+  const V v = L::where_both_pos(m, a, a * (log_a - L::log_mixture(m)));
+  const V w = L::where_both_pos(m, a, L::div_mixture(a, m));
+  return {v, v - beta * a * w, V(0) - b_w * w};
+}
+
+// p, q: the probabilities; wp, wq: the same times mixture_weights<DIV> (a kernel that scales
+// kept exps folds the weights into its factors); log_p, log_q: their logs, from the row
+// statistics (exact where p or q underflows). A class where the weighting probability is 0
+// contributes 0 (0 · log 0 = 0); a teacher p = 0 where q > 0 makes reverse_kl infinite, as the
+// mathematics says. beta is the mixing weight of jsd and the skews (ignored by the others).
+template <int DIV, typename V>
+KD_HD ClassTerms<V> weighted_divergence_terms(V p, V q, V wp, V wq, V log_p, V log_q, V beta) {
+  using L = KdLane<V>;
+  const V zero(0);
   if constexpr (DIV == kKL) {
     const V v = L::where_pos(p, p * (log_p - log_q));
     return {v, zero - p, v};
@@ -114,32 +147,32 @@ KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
     const V v = L::where_pos(q, q * (log_q - log_p));
     return {v, v, zero - q};
   } else if constexpr (DIV == kJSD) {
-    // A mixture that underflows to 0 (p or q a denormal times β) drops the class: its terms
-    // weigh less than 1e-38, and log 0 would make them infinite.
-    // value = pg + qg exactly: the CPU's dense sweep sums pg and qg, not the value too.
-    const V bp = beta * p, bq = (one - beta) * q;
-    const V m = bp + bq;
-    const V log_m = L::log_mixture(m);
-    const V pg = L::where_both_pos(m, bp, bp * (log_p - log_m));  // β KL(p ‖ m)'s share
-    const V qg = L::where_both_pos(m, bq, bq * (log_q - log_m));  // (1-β) KL(q ‖ m)'s share
+    // wp = β p > 0 makes m >= wp > 0, so log m is finite wherever a weight is positive; a class
+    // whose weights underflow to 0 (p or q a denormal times β) drops out: its terms weigh less
+    // than 1e-38, and log 0 would make them infinite. value = pg + qg exactly: the CPU's dense
+    // sweep sums pg and qg, not the value too.
+    const V log_m = L::log_mixture(wp + wq);
+    const V pg = L::where_pos(wp, wp * (log_p - log_m));  // β KL(p ‖ m)'s share
+    const V qg = L::where_pos(wq, wq * (log_q - log_m));  // (1-β) KL(q ‖ m)'s share
     return {pg + qg, qg, pg};
   } else if constexpr (DIV == kTVD) {
     const V d = p - q;
     const V half_sign = V(0.5f) * L::sign(d);
     return {V(0.5f) * L::abs(d), zero - q * half_sign, p * half_sign};
   } else if constexpr (DIV == kSkewKL) {
-    const V m = beta * p + (one - beta) * q;
-    // as for jsd: an underflowed mixture drops the class
-    const V v = L::where_both_pos(m, p, p * (log_p - L::log_mixture(m)));
-    const V w = L::where_both_pos(m, p, L::div_mixture(p, m));
-    return {v, zero - (one - beta) * q * w, v - beta * p * w};
+    const SkewTerms<V> k = skew_terms(p, wq, log_p, beta);
+    return {k.value, k.other, k.own};
   } else {
     static_assert(DIV == kSkewReverseKL, "unknown divergence");
-    const V m = beta * q + (one - beta) * p;
-    const V v = L::where_both_pos(m, q, q * (log_q - L::log_mixture(m)));
-    const V w = L::where_both_pos(m, q, L::div_mixture(q, m));
-    return {v, v - beta * q * w, zero - (one - beta) * p * w};
+    const SkewTerms<V> k = skew_terms(q, wp, log_q, beta);
+    return {k.value, k.own, k.other};
   }
+}
+
+template <int DIV, typename V>
+KD_HD ClassTerms<V> divergence_terms(V p, V q, V log_p, V log_q, V beta) {
+  const MixtureWeights<V> w = mixture_weights<DIV>(beta);
+  return weighted_divergence_terms<DIV>(p, q, w.p * p, w.q * q, log_p, log_q, beta);
 }
 
 // A row's sums of the terms: D = Σ value, Gq = Σ qg, Gp = Σ pg. Merging is a sum.

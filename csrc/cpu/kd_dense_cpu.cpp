@@ -157,49 +157,81 @@ inline KeptFactors kept_factors(const StretchStats& st, const RowState& row, con
   return f;
 }
 
-// p, q and the hard-label softmax of kVec classes at i: from kept exps, or recomputed.
+// p, q and the hard-label softmax of kVec classes, and the logs of p and q: from kept exps, or
+// recomputed. Built once per stretch, so that the loops below hold their pointers and constants
+// in registers (the gradient stores could alias the structs they come from, for all the
+// compiler knows).
 template <bool KEPT>
-struct Probabilities {
-  Vec p, q, sigma;
-};
+class ClassProbabilities {
+ public:
+  ClassProbabilities(const RowState& row, const Consts& c, const Kept& keep, const KeptFactors& f)
+      : inv_(c.inv_t),
+        // log q = x - max_x - lse_x as one FMA of the logit, the two row constants added once
+        off_q_(row.res.max_x + row.res.log_sum_x),
+        off_p_(row.res.max_y + row.res.log_sum_y),
+        fq_(f.fq),
+        fp_(f.fp),
+        // without a softmax of its own, the hard-label term's is q: the same kept exps and factor
+        fs_(c.ce_separate ? f.fs : f.fq),
+        ce_off_(row.ce_max + row.ce_log_sum),
+        ex_(keep.ex),
+        ey_(keep.ey),
+        es_(c.ce_separate ? keep.es : keep.ex),
+        ce_separate_(c.ce_separate) {}
 
-template <bool KEPT>
-inline Probabilities<KEPT> probabilities(const Vec& sv, const Vec& x, const Vec& y,
-                                         const RowState& row, const Consts& c, const Kept& keep,
-                                         const KeptFactors& f, int64_t i) {
-  Probabilities<KEPT> out;
-  if constexpr (KEPT) {
-    out.q = Vec::loadu(keep.ex + i) * Vec(f.fq);
-    out.p = Vec::loadu(keep.ey + i) * Vec(f.fp);
-    out.sigma = c.ce_separate ? Vec::loadu(keep.es + i) * Vec(f.fs) : out.q;
-  } else {
-    out.q = fast_exp(log_q_of(x, row.res));
-    out.p = fast_exp(log_p_of(y, row.res));
-    out.sigma =
-        c.ce_separate ? fast_exp((sv - Vec(row.ce_max)) - Vec(row.ce_log_sum)) : out.q;
+  Vec log_q(const Vec& sv) const { return at::vec::fmsub(sv, inv_, off_q_); }
+  Vec log_p(const Vec& tv) const { return at::vec::fmsub(tv, inv_, off_p_); }
+
+  // lq, lp: log q and log p of the same classes
+  Vec q(int64_t i, const Vec& lq) const {
+    if constexpr (KEPT) return Vec::loadu(ex_ + i) * fq_;
+    return fast_exp(lq);
   }
-  return out;
-}
+  Vec p(int64_t i, const Vec& lp) const {
+    if constexpr (KEPT) return Vec::loadu(ey_ + i) * fp_;
+    return fast_exp(lp);
+  }
+  // KEPT only: the kept exps times a factor of the caller's
+  Vec kept_q(int64_t i, const Vec& factor) const { return Vec::loadu(ex_ + i) * factor; }
+  Vec kept_p(int64_t i, const Vec& factor) const { return Vec::loadu(ey_ + i) * factor; }
+  Vec sigma(int64_t i, const Vec& sv, const Vec& q) const {
+    if constexpr (KEPT) return Vec::loadu(es_ + i) * fs_;
+    return ce_separate_ ? fast_exp(sv - ce_off_) : q;
+  }
+
+ private:
+  Vec inv_, off_q_, off_p_, fq_, fp_, fs_, ce_off_;
+  const float *ex_, *ey_, *es_;
+  bool ce_separate_;
+};
 
 // Σφ, Gq, Gp of a stretch (the mixture divergences), keeping q dphi/dq (and p dphi/dp) per
 // class for the gradient sweep.
 template <int DIV, bool KEPT, typename T>
 RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, const Consts& c,
                        const Kept& keep, const KeptFactors& f) {
-  const Vec vinv(c.inv_t), vbeta(c.beta);
+  const ClassProbabilities<KEPT> pr(row, c, keep, f);
+  const Vec vbeta(c.beta);
+  // kept exps: the mixture's weights folded into the factors, a multiply a class less each
+  const MixtureWeights<float> w = mixture_weights<DIV>(c.beta);
+  const Vec weighted_fp(f.fp * w.p), weighted_fq(f.fq * w.q);
+  float* const kept_qg = keep.qg;
+  float* const kept_pg = keep.pg;
   Vec value(0.f), gq(0.f), gp(0.f);
   for (int64_t i = 0; i < n; i += kVec) {
     const int64_t m = std::min(kVec, n - i);
-    const Vec sv = load_n(s + i, m, -INFINITY);
-    const Vec x = sv * vinv, y = load_n(t + i, m, -INFINITY) * vinv;
-    const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
+    const Vec log_q = pr.log_q(load_n(s + i, m, -INFINITY));
+    const Vec log_p = pr.log_p(load_n(t + i, m, -INFINITY));
+    const Vec p = pr.p(i, log_p), q = pr.q(i, log_q);
+    const Vec wp = KEPT ? pr.kept_p(i, weighted_fp) : Vec(w.p) * p;
+    const Vec wq = KEPT ? pr.kept_q(i, weighted_fq) : Vec(w.q) * q;
     const ClassTerms<Vec> ct =
-        divergence_terms<DIV>(pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res), vbeta);
+        weighted_divergence_terms<DIV>(p, q, wp, wq, log_p, log_q, vbeta);
     if constexpr (DIV != kJSD) value = value + ct.value;  // jsd's value is qg + pg
     gq = gq + ct.qg;
     gp = gp + ct.pg;
-    if (keep.qg) ct.qg.store(keep.qg + i);
-    if (keep.pg) ct.pg.store(keep.pg + i);
+    if (kept_qg) ct.qg.store(kept_qg + i);
+    if (kept_pg) ct.pg.store(kept_pg + i);
   }
   const float sum_gq = hsum(gq), sum_gp = hsum(gp);
   return {DIV == kJSD ? sum_gq + sum_gp : hsum(value), sum_gq, sum_gp};
@@ -220,35 +252,47 @@ template <int KIND, bool HAS_GT, bool KEPT, typename T>
 void stretch_grads(const T* s, const T* t, int64_t n, int64_t label, const RowState& row,
                    const Consts& c, int divergence, const Kept& keep, const KeptFactors& f,
                    T* gs, T* gt) {
-  const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
-  for (int64_t i = 0; i < n; i += kVec) {
-    const int64_t m = std::min(kVec, n - i);
-    // For kl without a teacher gradient the logits are dead here and the compiler drops them.
-    const Vec sv = load_n(s + i, m, -INFINITY);
-    const Vec x = sv * vinv, y = load_n(t + i, m, -INFINITY) * vinv;
-    const Probabilities<KEPT> pr = probabilities<KEPT>(sv, x, y, row, c, keep, f, i);
+  const ClassProbabilities<KEPT> pr(row, c, keep, f);
+  const Vec vbeta(c.beta), zero(0.f);
+  const float* const kept_qg = keep.qg;
+  const float* const kept_pg = keep.pg;
+  const RowTerms terms = row.terms;
+  const TermCoefsT<float> k = row.k;
+  // The student's gradient of kVec classes and their teacher gradient (with HAS_GT). For kl
+  // without a teacher gradient the logits are dead and the compiler drops them.
+  auto grads_at = [&](int64_t i, int64_t m, Vec& g_teacher) {
+    const Vec sv = load_n(s + i, m, -INFINITY), tv = load_n(t + i, m, -INFINITY);
+    const Vec log_q = pr.log_q(sv), log_p = pr.log_p(tv);
+    const Vec q = pr.q(i, log_q), p = pr.p(i, log_p);
     ClassTerms<Vec> ct;
     if constexpr (KIND == kMixture && KEPT) {
-      ct = {zero, Vec::loadu(keep.qg + i), HAS_GT ? Vec::loadu(keep.pg + i) : zero};
+      ct = {zero, Vec::loadu(kept_qg + i), HAS_GT ? Vec::loadu(kept_pg + i) : zero};
     } else {
-      ct = kind_terms<KIND>(divergence, pr.p, pr.q, log_p_of(y, row.res), log_q_of(x, row.res),
-                            vbeta);
+      ct = kind_terms<KIND>(divergence, p, q, log_p, log_q, vbeta);
     }
+    if constexpr (HAS_GT) g_teacher = grad_teacher_of(ct, p, terms, k);
+    return grad_student_of(ct, q, pr.sigma(i, sv, q), terms, k);
+  };
+  Vec g_teacher;
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min(kVec, n - i);
+    const Vec g_student = grads_at(i, m, g_teacher);
     if (gs) {
       prefetch_for_write(gs + i);
-      Vec g = grad_student_of(ct, pr.q, pr.sigma, row.terms, row.k);
-      if (label >= i && label < i + m) {  // the hard label's -1, in float before rounding
-        float lanes[kVec];
-        g.store(lanes);
-        lanes[label - i] -= row.k.ce;
-        g = Vec::loadu(lanes);
-      }
-      store_n(gs + i, g, m);
+      store_n(gs + i, g_student, m);
     }
     if constexpr (HAS_GT) {
       prefetch_for_write(gt + i);
-      store_n(gt + i, grad_teacher_of(ct, pr.p, row.terms, row.k), m);
+      store_n(gt + i, g_teacher, m);
     }
+  }
+  if (gs && label >= 0 && label < n) {
+    // the hard label's -1, in float before rounding: its vector once more
+    const int64_t i = label / kVec * kVec, m = std::min(kVec, n - i);
+    float lanes[kVec];
+    grads_at(i, m, g_teacher).store(lanes);
+    lanes[label - i] -= k.ce;
+    store_n(gs + i, Vec::loadu(lanes), m);
   }
 }
 

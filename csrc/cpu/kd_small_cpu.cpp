@@ -322,12 +322,16 @@ RowTermsT<Vec> block_terms(int64_t cols, const float* bs, const float* bt, const
                            const float* ey, const Vec& fq, const Vec& fp,
                            const RowResultT<Vec>& res, const Consts& c, float* qg, float* pg) {
   const Vec vinv(c.inv_t), vbeta(c.beta), zero(0.f);
+  // the mixture's weights folded into the factors, a multiply a class less each
+  const MixtureWeights<float> w = mixture_weights<DIV>(c.beta);
+  const Vec weighted_fp = fp * Vec(w.p), weighted_fq = fq * Vec(w.q);
   RowTermsT<Vec> terms{zero, zero, zero};
   for (int64_t k = 0; k < cols; ++k) {
     const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
-    const ClassTerms<Vec> ct =
-        divergence_terms<DIV>(Vec::loadu(ey + k * R) * fp, Vec::loadu(ex + k * R) * fq,
-                              log_p_of(y, res), log_q_of(x, res), vbeta);
+    const Vec ek_x = Vec::loadu(ex + k * R), ek_y = Vec::loadu(ey + k * R);
+    const ClassTerms<Vec> ct = weighted_divergence_terms<DIV>(
+        ek_y * fp, ek_x * fq, ek_y * weighted_fp, ek_x * weighted_fq, log_p_of(y, res),
+        log_q_of(x, res), vbeta);
     terms.value = terms.value + ct.value;
     terms.gq = terms.gq + ct.qg;
     terms.gp = terms.gp + ct.pg;
