@@ -58,6 +58,8 @@ KD_HD double kd_log(double v) { return log(v); }
 
 // Lane operations the per-class templates need beyond + − × ÷. Scalars here; the CPU kernel
 // specializes KdLane for its vectors.
+constexpr float kMixtureFloor = 1.17549435e-38f;  // FLT_MIN
+
 template <typename V>
 struct KdLane {
   static KD_HD V where_pos(V c, V a) { return c > V(0) ? a : V(0); }  // a where c > 0, else 0
@@ -68,8 +70,12 @@ struct KdLane {
   static KD_HD V log_mixture(V v) { return kd_log(v); }
   static KD_HD V abs(V v) { return v < V(0) ? -v : v; }
   static KD_HD V sign(V v) { return V((v > V(0)) - (v < V(0))); }
-  // a / b for b in (0, 1] (a mixture); the CPU's vectors may trade the division for a reciprocal
+  // a / b for b in [FLT_MIN, 1] (a mixture_floor); the CPU's vectors may trade the division
+  // for a reciprocal
   static KD_HD V div_mixture(V a, V b) { return a / b; }
+  // a mixture m in [0, 1] raised to at least FLT_MIN, so that its log and a division by it are
+  // finite (NaN stays NaN)
+  static KD_HD V mixture_floor(V m) { return m < V(kMixtureFloor) ? V(kMixtureFloor) : m; }
 };
 
 // exp(old_max - new_max), the factor that moves a running sum onto a new maximum.
@@ -115,8 +121,9 @@ KD_HD MixtureWeights<acc_t> mixture_weights(acc_t beta) {
 }
 
 // The skews, KL(a ‖ m) with m = β a + b_w and b_w = (1 − β) b: the value, a's own gradient term
-// and the other side's. As for jsd, a mixture that underflows drops the class (here a > 0 does
-// not imply m > 0: β a may underflow where a does not).
+// and the other side's. A class with a = 0 contributes 0. Where a > 0 the mixture may still
+// underflow (β a below FLT_MIN, b_w 0): it is taken as FLT_MIN, so such a class weighs under
+// 1e-36 instead of making log m infinite.
 template <typename V>
 struct SkewTerms {
   V value, own, other;
@@ -125,9 +132,9 @@ struct SkewTerms {
 template <typename V>
 KD_HD SkewTerms<V> skew_terms(V a, V b_w, V log_a, V beta) {
   using L = KdLane<V>;
-  const V m = beta * a + b_w;
-  const V v = L::where_both_pos(m, a, a * (log_a - L::log_mixture(m)));
-  const V w = L::where_both_pos(m, a, L::div_mixture(a, m));
+  const V m = L::mixture_floor(beta * a + b_w);
+  const V v = L::where_pos(a, a * (log_a - L::log_mixture(m)));
+  const V w = L::where_pos(a, L::div_mixture(a, m));
   return {v, v - beta * a * w, V(0) - b_w * w};
 }
 

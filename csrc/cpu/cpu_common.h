@@ -398,15 +398,15 @@ struct KdLane<cpu::Vec> {
 #endif
   static Vec log_mixture(const Vec& v) { return cpu::mixture_log(v); }
   static Vec abs(const Vec& v) { return v.abs(); }
+  // max(floor, m) returns its second operand for NaN: NaN goes through (one instruction)
+  static Vec mixture_floor(const Vec& m) { return cpu::clamp_low(Vec(kMixtureFloor), m); }
   // A division takes ~10 cycles a vector; with AVX-512 a 14-bit reciprocal refined by one
-  // Newton step (error ~2^-28, then two roundings: within 2 ulp) takes ~2. Below FLT_MIN the
-  // reciprocal would be inf (rcp14 flushes denormals), so b is clamped there: only classes whose
-  // mixture is under 1e-38 are affected, and their terms weigh as little (NaN stays NaN).
+  // Newton step (error ~2^-28, then two roundings: within 2 ulp) takes ~2. b is at least FLT_MIN
+  // (mixture_floor), where the reciprocal is finite (below it rcp14 would flush to inf).
   static Vec div_mixture(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m512 m = _mm512_max_ps(_mm512_set1_ps(1.17549435e-38f), b);  // NaN: b's NaN
-    const __m512 r = _mm512_rcp14_ps(m);
-    const __m512 e = _mm512_fnmadd_ps(m, r, _mm512_set1_ps(2.f));  // 2 - m r
+    const __m512 r = _mm512_rcp14_ps(b);
+    const __m512 e = _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f));  // 2 - b r
     return a * Vec(_mm512_mul_ps(r, e));
 #else
     return a / b;

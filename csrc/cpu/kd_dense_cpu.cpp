@@ -206,10 +206,12 @@ class ClassProbabilities {
 };
 
 // Σφ, Gq, Gp of a stretch (the mixture divergences), keeping q dphi/dq (and p dphi/dp) per
-// class for the gradient sweep.
-template <int DIV, bool KEPT, typename T>
+// class for the gradient sweep. Gp is the teacher gradient's (and part of jsd's value): without
+// them it is left 0, and the skews and tvd skip their p dphi/dp.
+template <int DIV, bool KEPT, bool HAS_GT, typename T>
 RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, const Consts& c,
                        const Kept& keep, const KeptFactors& f) {
+  constexpr bool kSumGp = HAS_GT || DIV == kJSD;
   const ClassProbabilities<KEPT> pr(row, c, keep, f);
   const Vec vbeta(c.beta);
   // kept exps: the mixture's weights folded into the factors, a multiply a class less each
@@ -229,20 +231,20 @@ RowTerms stretch_terms(const T* s, const T* t, int64_t n, const RowState& row, c
         weighted_divergence_terms<DIV>(p, q, wp, wq, log_p, log_q, vbeta);
     if constexpr (DIV != kJSD) value = value + ct.value;  // jsd's value is qg + pg
     gq = gq + ct.qg;
-    gp = gp + ct.pg;
+    if constexpr (kSumGp) gp = gp + ct.pg;
     if (kept_qg) ct.qg.store(kept_qg + i);
-    if (kept_pg) ct.pg.store(kept_pg + i);
+    if (HAS_GT && kept_pg) ct.pg.store(kept_pg + i);
   }
-  const float sum_gq = hsum(gq), sum_gp = hsum(gp);
+  const float sum_gq = hsum(gq), sum_gp = kSumGp ? hsum(gp) : 0.f;
   return {DIV == kJSD ? sum_gq + sum_gp : hsum(value), sum_gq, sum_gp};
 }
 
 // The mixture divergences' terms sweep, with the divergence picked once per stretch.
-template <bool KEPT, typename T>
+template <bool KEPT, bool HAS_GT, typename T>
 RowTerms mixture_terms(int divergence, const T* s, const T* t, int64_t n, const RowState& row,
                        const Consts& c, const Kept& keep, const KeptFactors& f) {
   return with_mixture_divergence(divergence, [&](auto d) {
-    return stretch_terms<decltype(d)::value, KEPT>(s, t, n, row, c, keep, f);
+    return stretch_terms<decltype(d)::value, KEPT, HAS_GT>(s, t, n, row, c, keep, f);
   });
 }
 
@@ -411,8 +413,8 @@ void dense_rows(const DenseProblem& p) {
         for (int64_t k = 0; k < stretches; ++k) {
           const int64_t at = k * kStretch, n = std::min(kStretch, cols - at);
           row.terms = row_terms_merge(
-              row.terms, mixture_terms<true>(p.divergence, rp.s + at, rp.t + at, n, row, c,
-                                             stretch_kept(k), factors(k)));
+              row.terms, mixture_terms<true, HAS_GT>(p.divergence, rp.s + at, rp.t + at, n, row,
+                                                     c, stretch_kept(k), factors(k)));
         }
       }
       loss_rows[r] = row_loss(row, rp.s);
@@ -483,8 +485,8 @@ void dense_split(const DenseProblem& p, int64_t chunks) {
         int64_t at, n;
         span(task, at, n);
         const RowPointers<T> rp(p, (task / chunks) * cols + at);
-        terms[task] = mixture_terms<false>(p.divergence, rp.s, rp.t, n, rows[task / chunks], c,
-                                           none, no_factors);
+        terms[task] = mixture_terms<false, HAS_GT>(p.divergence, rp.s, rp.t, n,
+                                                   rows[task / chunks], c, none, no_factors);
       }
     });
     for (int64_t r = 0; r < p.rows; ++r) {
