@@ -225,6 +225,28 @@ def test_fused_cross_entropy_equals_the_sum_of_its_terms(backend, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_hard_label_anywhere_in_a_long_row(backend, name, dtype):
+    """The CPU's long-row kernel takes each row's hard-label -1 after its gradient sweep, in the
+    label's vector once more: a label at the row's ends, at a vector's first and last lane, on
+    both sides of the 4096-class stretch boundary and in the row's partial last vector."""
+    classes = 4096 + 300  # two stretches, the second ending in a vector of 12
+    positions = [0, 15, 16, 4095, 4096, 4096 + 290, classes - 1]
+    s, t, _ = make((len(positions), classes), dtype, "cpu", seed=5)
+    labels = torch.tensor(positions)
+    for temperature in (1.0, 3.0):  # the hard-label softmax is q, or one of its own
+        a = s.clone().requires_grad_()
+        kd_loss(a, t, temperature, divergence=name, labels=labels, alpha=0.3,
+                backend=backend).backward()
+        b = s.float().clone().requires_grad_()
+        soft = kd_loss(b, t.float(), temperature, divergence=name, backend="torch")
+        (0.3 * soft + 0.7 * F.cross_entropy(b, labels)).backward()
+        tol = LOW_PRECISION.get(dtype, 1e-5)
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_beta_is_trl_and_liger_beta_at_t_1(backend, beta):
     """TRL's GKDTrainer.generalized_jsd_loss (current form: the mixture in probability space,
