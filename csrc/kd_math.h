@@ -56,17 +56,16 @@ KD_HD float kd_log(float v) { return logf(v); }
 KD_HD double kd_exp(double v) { return exp(v); }
 KD_HD double kd_log(double v) { return log(v); }
 
-// Lane operations the per-class templates need beyond + − × ÷. Scalars here; the CPU kernel
-// specializes KdLane for its vectors.
 constexpr float kMixtureFloor = 1.17549435e-38f;  // FLT_MIN
 
+// Lane operations the per-class templates need beyond + − × ÷. Scalars here; the CPU kernel
+// specializes KdLane for its vectors.
 template <typename V>
 struct KdLane {
   static KD_HD V where_pos(V c, V a) { return c > V(0) ? a : V(0); }  // a where c > 0, else 0
-  // a where c1 > 0 and c2 > 0, else 0
-  static KD_HD V where_both_pos(V c1, V c2, V a) { return c1 > V(0) && c2 > V(0) ? a : V(0); }
-  // log of a mixture m in [0, 1]; the callers drop every class whose m is 0 (where_pos), so its
-  // value there is free (the CPU's vectors skip the fix-ups of log 0 and log inf)
+  // log of a mixture m in (0, 1]: jsd drops every class whose weights are 0 (where_pos), the
+  // skews floor m (mixture_floor), so its value at 0 is free (the CPU's vectors skip the
+  // fix-ups of log 0 and log inf)
   static KD_HD V log_mixture(V v) { return kd_log(v); }
   static KD_HD V abs(V v) { return v < V(0) ? -v : v; }
   static KD_HD V sign(V v) { return V((v > V(0)) - (v < V(0))); }

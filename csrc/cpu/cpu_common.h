@@ -375,11 +375,6 @@ struct KdLane<cpu::Vec> {
   static Vec where_pos(const Vec& c, const Vec& a) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), a);
   }
-  static Vec where_both_pos(const Vec& c1, const Vec& c2, const Vec& a) {
-    const __m512 zero = _mm512_setzero_ps();
-    const __mmask16 k1 = _mm512_cmp_ps_mask(c1, zero, _CMP_GT_OQ);
-    return _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(k1, c2, zero, _CMP_GT_OQ), a);
-  }
   static Vec sign(const Vec& v) {
     const __m512 zero = _mm512_setzero_ps();
     const __m512 negative =
@@ -390,9 +385,6 @@ struct KdLane<cpu::Vec> {
 #else
   static Vec where_pos(const Vec& c, const Vec& a) {
     return Vec::blendv(Vec(0.f), a, c > Vec(0.f));
-  }
-  static Vec where_both_pos(const Vec& c1, const Vec& c2, const Vec& a) {
-    return Vec::blendv(Vec(0.f), a, (c1 > Vec(0.f)) & (c2 > Vec(0.f)));
   }
   static Vec sign(const Vec& v) {
     const Vec one(1.f), zero(0.f);

@@ -328,9 +328,9 @@ RowTermsT<Vec> block_terms(int64_t cols, const float* bs, const float* bt, const
   RowTermsT<Vec> terms{zero, zero, zero};
   for (int64_t k = 0; k < cols; ++k) {
     const Vec x = Vec::loadu(bs + k * R) * vinv, y = Vec::loadu(bt + k * R) * vinv;
-    const Vec ek_x = Vec::loadu(ex + k * R), ek_y = Vec::loadu(ey + k * R);
+    const Vec kept_x = Vec::loadu(ex + k * R), kept_y = Vec::loadu(ey + k * R);
     const ClassTerms<Vec> ct = weighted_divergence_terms<DIV>(
-        ek_y * fp, ek_x * fq, ek_y * weighted_fp, ek_x * weighted_fq, log_p_of(y, res),
+        kept_y * fp, kept_x * fq, kept_y * weighted_fp, kept_x * weighted_fq, log_p_of(y, res),
         log_q_of(x, res), vbeta);
     terms.value = terms.value + ct.value;
     terms.gq = terms.gq + ct.qg;
