@@ -171,29 +171,29 @@ class ClassProbabilities {
         off_p_(row.res.max_y + row.res.log_sum_y),
         fq_(f.fq),
         fp_(f.fp),
-        // without a softmax of its own, the hard-label term's is q: the same kept exps and factor
-        fs_(c.ce_separate ? f.fs : f.fq),
+        fs_(f.fs),  // (fq when the hard-label term has no softmax of its own)
         ce_off_(row.ce_max + row.ce_log_sum),
         ex_(keep.ex),
         ey_(keep.ey),
+        // without a softmax of its own, the hard-label term's is q: the same kept exps
         es_(c.ce_separate ? keep.es : keep.ex),
         ce_separate_(c.ce_separate) {}
 
   Vec log_q(const Vec& sv) const { return at::vec::fmsub(sv, inv_, off_q_); }
   Vec log_p(const Vec& tv) const { return at::vec::fmsub(tv, inv_, off_p_); }
 
+  // KEPT only: the kept exps times a factor (the stretch's, or one with a weight folded in)
+  Vec kept_q(int64_t i, const Vec& factor) const { return Vec::loadu(ex_ + i) * factor; }
+  Vec kept_p(int64_t i, const Vec& factor) const { return Vec::loadu(ey_ + i) * factor; }
   // lq, lp: log q and log p of the same classes
   Vec q(int64_t i, const Vec& lq) const {
-    if constexpr (KEPT) return Vec::loadu(ex_ + i) * fq_;
+    if constexpr (KEPT) return kept_q(i, fq_);
     return fast_exp(lq);
   }
   Vec p(int64_t i, const Vec& lp) const {
-    if constexpr (KEPT) return Vec::loadu(ey_ + i) * fp_;
+    if constexpr (KEPT) return kept_p(i, fp_);
     return fast_exp(lp);
   }
-  // KEPT only: the kept exps times a factor of the caller's
-  Vec kept_q(int64_t i, const Vec& factor) const { return Vec::loadu(ex_ + i) * factor; }
-  Vec kept_p(int64_t i, const Vec& factor) const { return Vec::loadu(ey_ + i) * factor; }
   Vec sigma(int64_t i, const Vec& sv, const Vec& q) const {
     if constexpr (KEPT) return Vec::loadu(es_ + i) * fs_;
     return ce_separate_ ? fast_exp(sv - ce_off_) : q;
